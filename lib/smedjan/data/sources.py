@@ -1,0 +1,289 @@
+"""Streaming corpus readers: .txt, .jsonl, .parquet, each optionally .zst or .gz.
+
+Every reader streams: memory stays bounded whatever the file size. The unit they
+yield is a `Chunk` of text with a `new_doc` flag on the first chunk of each document;
+a long document arrives as several chunks cut only at places where the pre-tokenizer
+splits anyway (after a newline that precedes a non-space character), so encoding the
+chunks one by one gives exactly the ids of encoding the whole document.
+
+Documents:
+- `.txt`: `txt_split="file"` (default) makes each file one document;
+  `"blank"` splits at blank lines; `"line"` makes each non-empty line a document.
+- `.jsonl`: one document per line, the string field `text_field` (default "text").
+- `.parquet`: one document per row, the string column `text_column` (default "text"),
+  read by record batch.
+Bytes that are not valid UTF-8 are replaced by U+FFFD (counted in `stats`).
+
+    for chunk in iter_chunks(["data/"], max_chars=10_000_000):
+        ...
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from smedjan.errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+COMPRESSED = (".zst", ".zstd", ".gz")
+BLOCK = 1 << 20  # bytes read per step from a text file
+
+# A cut is safe right after a newline that is followed by a non-space character: every
+# pattern in PRETOKENIZER_PATTERNS ends a piece there and starts a new one.
+_SAFE_CUT = re.compile(r"\n(?=\S)")
+
+
+@dataclass
+class Chunk:
+    text: str
+    new_doc: bool
+    source: str
+
+
+@dataclass
+class ReadStats:
+    files: int = 0
+    documents: int = 0
+    chars: int = 0
+    replaced_bytes: int = 0
+    skipped_empty: int = 0
+    per_file: dict = field(default_factory=dict)
+
+
+def _base_suffix(p: Path) -> str:
+    name = p.name.lower()
+    for c in COMPRESSED:
+        if name.endswith(c):
+            name = name[: -len(c)]
+            break
+    return os.path.splitext(name)[1]
+
+
+def is_supported(p: Path) -> bool:
+    return _base_suffix(p) in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+
+
+def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Files, folders (every supported file below, sorted) and globs -> a sorted file list."""
+    out: list[Path] = []
+    for raw in inputs:
+        s = str(raw)
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and is_supported(q))
+            if not found:
+                raise UserError(f"{p}: folder holds no .txt, .jsonl or .parquet files (optionally .zst/.gz)")
+            out += found
+        elif p.exists():
+            if not is_supported(p):
+                raise UserError(f"{p}: unsupported input type; expected .txt, .jsonl or .parquet, optionally .zst/.gz")
+            out.append(p)
+        elif glob.has_magic(s):
+            found = sorted(Path(q) for q in glob.glob(s, recursive=True) if Path(q).is_file() and is_supported(Path(q)))
+            if not found:
+                raise UserError(f"{s}: pattern matches no .txt, .jsonl or .parquet files")
+            out += found
+        else:
+            raise UserError(f"{p}: input file does not exist")
+    for p in out:
+        if not os.access(p, os.R_OK):
+            raise UserError(f"{p}: input file is not readable")
+    return out
+
+
+def open_binary(p: Path) -> BinaryIO:
+    """Open a file, transparently decompressing .zst and .gz, as a byte stream."""
+    name = p.name.lower()
+    raw = open(p, "rb")
+    if name.endswith((".zst", ".zstd")):
+        import zstandard
+
+        # Buffered, so that line iteration (readline) works on the stream.
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), BLOCK)  # type: ignore[arg-type]
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    return raw
+
+
+def _guard(p: Path, fn, *args):
+    """Turn decompression/IO failures into a one-line UserError naming the file."""
+    import zstandard
+
+    try:
+        yield from fn(*args)
+    except UserError:
+        raise
+    except zstandard.ZstdError as e:
+        raise UserError(f"{p}: corrupt zstd stream ({e})".splitlines()[0]) from None
+    except (OSError, EOFError, ValueError) as e:
+        raise UserError(f"{p}: cannot read ({e.__class__.__name__}: {e})".splitlines()[0]) from None
+
+
+class _Utf8:
+    """Incremental UTF-8 decoding that replaces invalid bytes and counts them."""
+
+    def __init__(self, stats: ReadStats):
+        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stats = stats
+
+    def __call__(self, data: bytes, final: bool = False) -> str:
+        s = self.dec.decode(data, final)
+        if "\ufffd" in s:
+            # Count only replacements, not U+FFFD that was in the file already.
+            self.stats.replaced_bytes += s.count("\ufffd") - data.count("\ufffd".encode())
+        return s
+
+
+def _read_txt(p: Path, split: str, stats: ReadStats) -> Iterator[Chunk]:
+    utf8 = _Utf8(stats)
+    src = str(p)
+    with open_binary(p) as f:
+        if split == "file":
+            pending = ""
+            first = True
+            while True:
+                data = f.read(BLOCK)
+                final = not data
+                pending += utf8(data, final)
+                if final:
+                    break
+                # cut at the last safe place; keep the rest for the next block
+                cut = None
+                for m in _SAFE_CUT.finditer(pending, max(0, len(pending) - BLOCK // 4)):
+                    cut = m.end()
+                if cut is not None and cut > 0:
+                    yield Chunk(pending[:cut], first, src)
+                    first = False
+                    pending = pending[cut:]
+            if pending or first:
+                if pending:
+                    yield Chunk(pending, first, src)
+                elif first:
+                    stats.skipped_empty += 1
+            return
+        text_stream = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="")
+        if split == "line":
+            for line in text_stream:
+                body = line.rstrip("\r\n")
+                if body.strip():
+                    yield Chunk(body, True, src)
+                else:
+                    stats.skipped_empty += 1
+            return
+        assert split == "blank", split
+        buf: list[str] = []
+        for line in text_stream:
+            if line.strip():
+                buf.append(line)
+            elif buf:
+                yield Chunk("".join(buf).rstrip("\r\n"), True, src)
+                buf = []
+        if buf:
+            yield Chunk("".join(buf).rstrip("\r\n"), True, src)
+
+
+def _read_jsonl(p: Path, text_field: str, stats: ReadStats) -> Iterator[Chunk]:
+    src = str(p)
+    with open_binary(p) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"{p}:{lineno}: malformed JSON line ({e.__class__.__name__}: {e})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            if text_field not in obj:
+                raise UserError(f"{p}:{lineno}: no {text_field!r} field (choose one with --text-field)")
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise UserError(f"{p}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string")
+            if text:
+                yield Chunk(text, True, src)
+            else:
+                stats.skipped_empty += 1
+
+
+def _read_parquet(p: Path, text_column: str, stats: ReadStats) -> Iterator[Chunk]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = None
+    src = str(p)
+    try:
+        if p.name.lower().endswith(COMPRESSED):
+            # Parquet needs random access: decompress to a temporary file, streaming.
+            fd, tmp = tempfile.mkstemp(suffix=".parquet")
+            with os.fdopen(fd, "wb") as out, open_binary(p) as f:
+                shutil.copyfileobj(f, out, BLOCK)
+            path = tmp
+        else:
+            path = str(p)
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise UserError(f"{p}: not a readable parquet file ({e})".splitlines()[0]) from None
+        names = pf.schema_arrow.names
+        if text_column not in names:
+            raise UserError(f"{p}: no column {text_column!r} (columns: {', '.join(names)}; choose with --text-column)")
+        typ = pf.schema_arrow.field(text_column).type
+        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+            raise UserError(f"{p}: column {text_column!r} has type {typ}, expected string")
+        for batch in pf.iter_batches(columns=[text_column], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                if text:
+                    yield Chunk(text, True, src)
+                else:
+                    stats.skipped_empty += 1
+    finally:
+        if tmp:
+            os.unlink(tmp)
+
+
+def iter_file(p: Path, stats: ReadStats, text_field: str = "text", text_column: str = "text",
+              txt_split: str = "file") -> Iterator[Chunk]:
+    suffix = _base_suffix(p)
+    if suffix in JSONL_SUFFIXES:
+        yield from _guard(p, _read_jsonl, p, text_field, stats)
+    elif suffix in PARQUET_SUFFIXES:
+        yield from _guard(p, _read_parquet, p, text_column, stats)
+    else:
+        yield from _guard(p, _read_txt, p, txt_split, stats)
+
+
+def iter_chunks(inputs: list[str | os.PathLike], *, text_field: str = "text", text_column: str = "text",
+                txt_split: str = "file", max_chars: int | None = None,
+                stats: ReadStats | None = None) -> Iterator[Chunk]:
+    """Stream every document of every input as chunks, stopping after `max_chars` characters."""
+    if txt_split not in ("file", "blank", "line"):
+        raise UserError(f"--txt-split must be file, blank or line, not {txt_split!r}")
+    stats = stats if stats is not None else ReadStats()
+    files = expand_inputs(inputs)
+    budget = max_chars if max_chars is not None and max_chars > 0 else None
+    for p in files:
+        stats.files += 1
+        for chunk in iter_file(p, stats, text_field, text_column, txt_split):
+            if budget is not None:
+                if budget <= 0:
+                    return
+                if len(chunk.text) > budget:
+                    chunk = Chunk(chunk.text[:budget], chunk.new_doc, chunk.source)
+                budget -= len(chunk.text)
+            stats.chars += len(chunk.text)
+            stats.documents += chunk.new_doc
+            stats.per_file[chunk.source] = stats.per_file.get(chunk.source, 0) + len(chunk.text)
+            yield chunk

@@ -1,0 +1,51 @@
+"""encode / decode / tokenizer-info / --help from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import assert_user_error, smedjan
+from smedjan_tools.cli import COMMANDS
+
+
+def test_encode_decode_pipe(tokenizer_path, tokenizer):
+    text = "To be, or not to be: that is the question. 日本語 😀"
+    res = smedjan("encode", "-t", tokenizer_path, text)
+    assert res.code == 0, res
+    ids = [int(x) for x in res.out.split()]
+    assert ids == tokenizer.encode(text)
+    res = smedjan("decode", "-t", tokenizer_path, input=res.out)
+    assert res.code == 0 and res.out == text
+    res = smedjan("encode", "-t", tokenizer_path, "--bos", "--json", text)
+    assert json.loads(res.out) == [tokenizer.bos_id] + ids
+
+
+def test_decode_errors(tokenizer_path):
+    assert_user_error(smedjan("decode", "-t", tokenizer_path, "1", "x2"), "integers")
+    assert_user_error(smedjan("decode", "-t", tokenizer_path, "999999"), "out of range")
+
+
+def test_tokenizer_info_measures_compression(tokenizer_path, tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("the theory of the thing " * 100)
+    res = smedjan("tokenizer-info", tokenizer_path, "--input", f, "--json")
+    assert res.code == 0, res
+    info = json.loads(res.out)
+    assert info["vocab_size"] == 2048 and info["llama_cpp_pre"] == "llama-bpe"
+    assert info["text_bytes"] == 2400 and info["bytes_per_token"] > 2
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_tool_has_help_with_defaults(name):
+    res = smedjan(name, "--help")
+    assert res.code == 0, res
+    assert "Usage" in res.out
+
+
+def test_umbrella_lists_tools():
+    res = smedjan("--help")
+    assert res.code == 0
+    for name in COMMANDS:
+        assert name in res.out

@@ -1,0 +1,1 @@
+"""Tokenizer stage tools: tokenizer, import-bpe, tokenizer-export, tokenizer-info, encode, decode."""
