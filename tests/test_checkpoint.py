@@ -108,3 +108,22 @@ def test_metadata_only_read(saved):
     path, _, cfg = saved
     md = read_metadata(path)
     assert json.loads(md["model_config"])["dim"] == cfg.dim
+
+
+def test_load_model_runs_and_names_bad_tensors(saved, tmp_path):
+    from smedjan.model import load_model
+
+    path, model, cfg = saved
+    loaded, tok, ck = load_model(path)
+    idx = torch.randint(0, cfg.vocab_size, (1, 7))
+    torch.testing.assert_close(loaded(idx), model(idx))
+    state = model.state_dict()
+    state["layers.0.attention.wq.weight"] = state["layers.0.attention.wq.weight"][:-1]
+    bad = tmp_path / "bad.bin"
+    save_checkpoint(bad, state, kind=C.KIND_MODEL, config=cfg, tokenizer=tok)
+    with pytest.raises(UserError, match="layers.0.attention.wq.weight"):
+        load_model(bad)
+    del state["layers.0.attention.wq.weight"]
+    save_checkpoint(bad, state, kind=C.KIND_MODEL, config=cfg, tokenizer=tok)
+    with pytest.raises(UserError, match="missing tensor 'layers.0.attention.wq.weight'"):
+        load_model(bad)
