@@ -12,6 +12,8 @@ Documents:
 - `.jsonl`: one document per line, the string field `text_field` (default "text").
 - `.parquet`: one document per row, the string column `text_column` (default "text"),
   read by record batch.
+A document longer than `DOC_CHUNK` characters (a whole book in one JSON line) is cut the
+same way, so that downstream workers can share its encoding.
 Bytes that are not valid UTF-8 are replaced by U+FFFD (counted in `stats`).
 
     for chunk in iter_chunks(["data/"], max_chars=10_000_000):
@@ -44,6 +46,7 @@ BLOCK = 1 << 20  # bytes read per step from a text file
 # A cut is safe right after a newline that is followed by a non-space character: every
 # pattern in PRETOKENIZER_PATTERNS ends a piece there and starts a new one.
 _SAFE_CUT = re.compile(r"\n(?=\S)")
+DOC_CHUNK = BLOCK  # characters: longer documents are yielded as several chunks
 
 
 @dataclass
@@ -147,6 +150,32 @@ class _Utf8:
         return s
 
 
+def _last_safe_cut(text: str, lo: int, hi: int) -> int | None:
+    """The largest p in (lo, hi] where `_SAFE_CUT` would end a match: text[p-1] is a
+    newline and text[p] exists and is not whitespace. None if there is none."""
+    i = text.rfind("\n", lo, hi)
+    while i >= lo:
+        if i + 1 < len(text) and not text[i + 1].isspace():
+            return i + 1
+        i = text.rfind("\n", lo, i)
+    return None
+
+
+def _doc_chunks(text: str, src: str) -> Iterator[Chunk]:
+    """One document as chunks of about `DOC_CHUNK` characters, cut only at safe places."""
+    start, first = 0, True
+    while len(text) - start > DOC_CHUNK:
+        cut = _last_safe_cut(text, start, start + DOC_CHUNK)
+        if cut is None:  # no safe place in this stretch: take the next one after it
+            m = _SAFE_CUT.search(text, start + DOC_CHUNK)
+            if m is None:
+                break
+            cut = m.end()
+        yield Chunk(text[start:cut], first, src)
+        first, start = False, cut
+    yield Chunk(text[start:] if start else text, first, src)
+
+
 def _read_txt(p: Path, split: str, stats: ReadStats) -> Iterator[Chunk]:
     utf8 = _Utf8(stats)
     src = str(p)
@@ -179,7 +208,7 @@ def _read_txt(p: Path, split: str, stats: ReadStats) -> Iterator[Chunk]:
             for line in text_stream:
                 body = line.rstrip("\r\n")
                 if body.strip():
-                    yield Chunk(body, True, src)
+                    yield from _doc_chunks(body, src)
                 else:
                     stats.skipped_empty += 1
             return
@@ -189,10 +218,10 @@ def _read_txt(p: Path, split: str, stats: ReadStats) -> Iterator[Chunk]:
             if line.strip():
                 buf.append(line)
             elif buf:
-                yield Chunk("".join(buf).rstrip("\r\n"), True, src)
+                yield from _doc_chunks("".join(buf).rstrip("\r\n"), src)
                 buf = []
         if buf:
-            yield Chunk("".join(buf).rstrip("\r\n"), True, src)
+            yield from _doc_chunks("".join(buf).rstrip("\r\n"), src)
 
 
 def _read_jsonl(p: Path, text_field: str, stats: ReadStats) -> Iterator[Chunk]:
@@ -213,7 +242,7 @@ def _read_jsonl(p: Path, text_field: str, stats: ReadStats) -> Iterator[Chunk]:
             if not isinstance(text, str):
                 raise UserError(f"{p}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string")
             if text:
-                yield Chunk(text, True, src)
+                yield from _doc_chunks(text, src)
             else:
                 stats.skipped_empty += 1
 
@@ -246,7 +275,7 @@ def _read_parquet(p: Path, text_column: str, stats: ReadStats) -> Iterator[Chunk
         for batch in pf.iter_batches(columns=[text_column], batch_size=1024):
             for text in batch.column(0).to_pylist():
                 if text:
-                    yield Chunk(text, True, src)
+                    yield from _doc_chunks(text, src)
                 else:
                     stats.skipped_empty += 1
     finally:
