@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer-info": ("smedjan_tools.tok.tokenizer_info", "Show a tokenizer's vocabulary, fingerprint and compression."),
     "encode": ("smedjan_tools.tok.encode", "Encode text to token ids."),
     "decode": ("smedjan_tools.tok.decode", "Decode token ids to text."),
+    "prepare": ("smedjan_tools.prep.prepare", "Encode a corpus into train.bin (and val.bin) for training."),
+    "data-info": ("smedjan_tools.prep.data_info", "Show what a train.bin/val.bin holds, with decoded samples."),
 }
 
 

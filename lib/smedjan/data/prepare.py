@@ -1,0 +1,289 @@
+"""Corpus -> train.bin (and val.bin): stream, encode in parallel, write atomically.
+
+The pipeline, for a corpus of any size in bounded memory:
+1. The main process reads documents as chunks (`smedjan.data.sources.iter_chunks`:
+   streaming .txt/.jsonl/.parquet, .zst/.gz) and numbers the documents 0, 1, 2, ...
+   in input order.
+2. Each document goes to train or val. With `val_fraction`, document i goes to val
+   when blake2b-64(seed, i) / 2**64 < val_fraction (two little-endian u64 hashed): a
+   function of the seed and the document's index only, so the split is the same for
+   any worker count and on every re-run. With `val_inputs`, val is those files instead.
+3. Chunks are grouped into jobs of about `JOB_CHARS` characters (a size that does not
+   depend on the worker count) and encoded by a pool of worker processes; each job
+   comes back as one token array per output, BOS placed before each document's first
+   chunk. Results are consumed in submission order with at most 2 jobs per worker in
+   flight, so output order is fixed and memory stays bounded.
+4. Each output is a `TokenWriter` streaming to a temporary file; both are committed
+   (header written, fsync, rename) only after the whole corpus encoded without error.
+Chunks of one document are cut only where the pre-tokenizer splits anyway, so the file
+holds exactly, per document, [BOS] + tokenizer.encode(document).
+
+Processes, not threads: tiktoken releases the GIL while encoding, but turning ids into
+arrays and the per-chunk bookkeeping do not; on the same machine a process pool
+measured as fast or faster and scales with no GIL in the way (see the README's notes).
+
+    result = prepare(["data/pretrain"], tok, "train.bin", val_output="val.bin", val_fraction=0.01)
+    result.outputs["train"].n_tokens
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import signal
+import struct
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from smedjan.data.sources import ReadStats, expand_inputs, iter_chunks
+from smedjan.errors import UserError
+from smedjan.formats.tokens import TokenWriter, dtype_for_vocab
+from smedjan.io import check_output_path
+
+# Characters of text per encode job: large enough to amortize the hand-off to a worker,
+# small enough that 2 jobs per worker in flight stay a few MB. SMEDJAN_PREP_JOB_CHARS
+# overrides it (tests use small jobs to interleave workers on a small corpus); the output
+# does not depend on it.
+JOB_CHARS = int(os.environ.get("SMEDJAN_PREP_JOB_CHARS", 1 << 20))
+MAX_SOURCES_RECORDED = 64  # the header lists at most this many input files (and hashes all)
+TRAIN, VAL = 0, 1
+
+
+def default_workers() -> int:
+    """The cores this process may run on (respects affinity masks and container limits)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def is_val_doc(seed: int, doc_index: int, fraction: float) -> bool:
+    """Whether document `doc_index` goes to val: blake2b-64 of (seed, index), as a fraction of 2**64."""
+    h = hashlib.blake2b(struct.pack("<QQ", seed, doc_index), digest_size=8).digest()
+    return int.from_bytes(h, "little") < fraction * 2.0**64
+
+
+# ---------------------------------------------------------------- encoding workers
+# Per-process state: (encode function, bos id, output dtype). Set in the parent before a
+# fork (inherited), or rebuilt from the tokenizer's bytes under spawn.
+_state: tuple | None = None
+
+
+def _make_state(tok, dtype: np.dtype) -> tuple:
+    # tiktoken's encode_to_numpy with no special handling equals encode_ordinary (special
+    # spellings stay plain text, as Tokenizer.encode does) but hands back a buffer, not a
+    # list of Python ints. Tokenizer keeps its tiktoken engine in `_tiktoken`.
+    enc = tok._tiktoken
+
+    def encode(text: str) -> np.ndarray:
+        try:
+            return enc.encode_to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:
+            # Lone surrogates (from JSON "\ud800" escapes) cannot be UTF-8: replace them,
+            # as Tokenizer.encode does.
+            fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return enc.encode_to_numpy(fixed, disallowed_special=())
+
+    return encode, tok.bos_id, dtype
+
+
+def _init_worker(tok_bytes: bytes | None, dtype_str: str) -> None:
+    global _state
+    # Ctrl-C is the parent's to handle (it terminates the pool and removes the
+    # temporary files); workers ignoring it keeps the terminal free of their tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if tok_bytes is not None:  # spawn: nothing was inherited
+        from smedjan.tokenizer import Tokenizer
+
+        _state = _make_state(Tokenizer.from_bytes(tok_bytes), np.dtype(dtype_str))
+
+
+def _encode_job(items: list[tuple[str, bool, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """[(text, starts a document, output)] -> (train tokens, val tokens), in item order."""
+    encode, bos_id, dtype = _state
+    bos = np.array([bos_id], dtype=np.uint32)
+    parts: tuple[list, list] = ([], [])
+    for text, new_doc, dest in items:
+        if new_doc:
+            parts[dest].append(bos)
+        parts[dest].append(encode(text))
+    return tuple(np.concatenate(p).astype(dtype) if p else np.empty(0, dtype) for p in parts)  # type: ignore
+
+
+def encode_jobs(jobs: Iterable[list], tok, dtype: np.dtype, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Encode jobs in order: inline for one worker, else a process pool, 2 jobs per worker in flight."""
+    global _state
+    if workers <= 1:
+        _state = _make_state(tok, dtype)
+        for job in jobs:
+            yield _encode_job(job)
+        return
+    if sys.platform.startswith("linux"):
+        # fork: workers inherit the ready tokenizer; they only run the encoder.
+        ctx, tok_bytes = mp.get_context("fork"), None
+        _state = _make_state(tok, dtype)
+    else:  # fork is unsafe with macOS system frameworks
+        ctx, tok_bytes = mp.get_context("spawn"), tok.to_bytes()
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tok_bytes, dtype.str)) as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.apply_async(_encode_job, (job,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---------------------------------------------------------------- the whole stage
+@dataclass
+class OutputInfo:
+    path: str
+    n_tokens: int = 0
+    n_docs: int = 0
+    n_chars: int = 0
+    dtype: str = ""
+
+
+@dataclass
+class PrepareResult:
+    outputs: dict[str, OutputInfo] = field(default_factory=dict)
+    files: int = 0
+    chars: int = 0
+    replaced_bytes: int = 0
+    skipped_empty: int = 0
+
+
+def _sources_meta(files: list[Path]) -> dict:
+    names = [str(p) for p in files]
+    return {
+        "sources": names[:MAX_SOURCES_RECORDED],
+        "n_sources": len(names),
+        "sources_sha256": hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest(),
+    }
+
+
+def prepare(inputs: list[str | os.PathLike], tok, output: str | os.PathLike, *,
+            val_output: str | os.PathLike | None = None, val_fraction: float | None = None,
+            val_inputs: list[str | os.PathLike] | None = None, seed: int = 0,
+            text_field: str = "text", text_column: str = "text", txt_split: str = "file",
+            max_chars: int | None = None, workers: int | None = None,
+            on_chars: Callable[[int], None] | None = None) -> PrepareResult:
+    """Encode `inputs` with `tok` into `output` (and `val_output`); see the module docstring.
+
+    With `val_output`, val gets `val_inputs` if given, else a `val_fraction` (default 0.01)
+    of the documents. `max_chars` caps each of the two corpora (inputs, val_inputs).
+    Raises UserError, leaving no file, on bad input or an empty result.
+    """
+    # --- every check that needs no reading comes first
+    out = check_output_path(output)
+    vout = check_output_path(val_output) if val_output is not None else None
+    if vout is None and (val_fraction is not None or val_inputs):
+        raise UserError("--val-fraction and --val-input need --val-output")
+    if val_fraction is not None and val_inputs:
+        raise UserError("give --val-fraction or --val-input, not both")
+    if vout is not None and not val_inputs:
+        val_fraction = 0.01 if val_fraction is None else val_fraction
+        if not 0.0 < val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), not {val_fraction}")
+    if vout is not None and vout.resolve() == out.resolve():
+        raise UserError(f"{out}: --output and --val-output name the same file")
+    if not 0 <= seed < 2**64:
+        raise UserError(f"--seed must be in 0..2**64-1, not {seed}")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, not {workers}")
+    if txt_split not in ("file", "blank", "line"):
+        raise UserError(f"--txt-split must be file, blank or line, not {txt_split!r}")
+    workers = default_workers() if workers is None else workers
+    files = expand_inputs(inputs)
+    val_files = expand_inputs(val_inputs) if val_inputs else []
+    targets = {out.resolve(): out}
+    if vout is not None:
+        targets[vout.resolve()] = vout
+    for f in files + val_files:
+        if f.resolve() in targets:
+            raise UserError(f"{targets[f.resolve()]}: output would overwrite an input")
+    bos_id = tok.bos_id  # a tokenizer without <|bos|> is refused here, before any work
+    dtype = dtype_for_vocab(tok.vocab_size)
+
+    stats = ReadStats()
+    val_stats = ReadStats()
+    result = PrepareResult()
+    names = {TRAIN: "train", VAL: "val"}
+    infos = {TRAIN: OutputInfo(str(out), dtype=dtype.name)}
+    if vout is not None:
+        infos[VAL] = OutputInfo(str(vout), dtype=dtype.name)
+    flags = {"text_field": text_field, "text_column": text_column, "txt_split": txt_split,
+             "max_chars": max_chars, "seed": seed, "val_fraction": val_fraction if not val_inputs else None}
+
+    def chunks() -> Iterator[tuple[str, bool, int]]:
+        """(text, new_doc, output) for every chunk of the corpus, in input order."""
+        common = dict(text_field=text_field, text_column=text_column, txt_split=txt_split, max_chars=max_chars)
+        doc = -1
+        dest = TRAIN
+        for c in iter_chunks(files, stats=stats, **common):
+            if c.new_doc:
+                doc += 1
+                dest = VAL if (vout is not None and not val_inputs and is_val_doc(seed, doc, val_fraction)) else TRAIN
+            yield c.text, c.new_doc, dest
+        for c in (iter_chunks(val_files, stats=val_stats, **common) if val_files else ()):
+            yield c.text, c.new_doc, VAL
+
+    def jobs() -> Iterator[list]:
+        job: list = []
+        size = 0
+        for item in chunks():
+            job.append(item)
+            size += len(item[0])
+            infos[item[2]].n_chars += len(item[0])
+            if size >= JOB_CHARS:
+                if on_chars:
+                    on_chars(size)
+                yield job
+                job, size = [], 0
+        if job:
+            if on_chars:
+                on_chars(size)
+            yield job
+
+    def writer(dest: int, path: Path, sources: list[Path]) -> TokenWriter:
+        extra = {"split": names[dest], "created_by": "smedjan prepare", "tokenizer_pattern": tok.pattern,
+                 **_sources_meta(sources), **flags}
+        return TokenWriter(path, vocab_size=tok.vocab_size, tokenizer_fingerprint=tok.fingerprint,
+                           bos_id=bos_id, extra=extra)
+
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        writers = {TRAIN: stack.enter_context(writer(TRAIN, out, files))}
+        if vout is not None:
+            writers[VAL] = stack.enter_context(writer(VAL, vout, val_files or files))
+        for parts in encode_jobs(jobs(), tok, dtype, workers):
+            for dest, w in writers.items():
+                w.write(parts[dest])
+        # Empty results are refused inside the `with`: nothing gets committed.
+        what = " ".join(str(x) for x in inputs)
+        if writers[TRAIN].n_docs == 0:
+            if vout is not None and writers[VAL].n_docs and not val_inputs:
+                raise UserError(f"{out}: the train split is empty: all {writers[VAL].n_docs} documents went to val; "
+                                "lower --val-fraction")
+            raise UserError(f"{what}: no text to prepare (every document is empty)")
+        if vout is not None and writers[VAL].n_docs == 0:
+            if val_inputs:
+                raise UserError(f"{' '.join(map(str, val_inputs))}: no text to prepare for --val-output "
+                                "(every document is empty)")
+            raise UserError(f"{vout}: the val split is empty: none of {writers[TRAIN].n_docs} documents was "
+                            f"drawn at --val-fraction {val_fraction}; raise it or use --val-input")
+        for dest, w in writers.items():
+            infos[dest].n_tokens, infos[dest].n_docs = w.n_tokens, w.n_docs
+    result.outputs = {names[d]: i for d, i in infos.items()}
+    result.files = stats.files + val_stats.files
+    result.chars = stats.chars + val_stats.chars
+    result.replaced_bytes = stats.replaced_bytes + val_stats.replaced_bytes
+    result.skipped_empty = stats.skipped_empty + val_stats.skipped_empty
+    return result
