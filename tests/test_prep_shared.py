@@ -54,6 +54,12 @@ def test_openwebtext_jsonl_zst_full(shared_data, tokenizer, tokenizer_path, tmp_
     want = expected_tokens(tokenizer, docs)
     assert tf.n_docs == sum(1 for d in docs if d) and tf.n_tokens == len(want)
     assert np.array_equal(tf.tokens, want)
+    # the training loader's in-order pass reads back exactly these tokens
+    from smedjan.data.loader import iter_sequential
+
+    T = 512
+    xs = np.concatenate([x.numpy().ravel() for x, _ in iter_sequential(tf, batch_size=16, seq_len=T)])
+    assert np.array_equal(xs, want[: len(xs)]) and len(xs) == (len(want) - 1) // T * T
 
 
 def test_c4_jsonl_zst_and_parquet_give_the_same_tokens(shared_data, tokenizer, tokenizer_path, tmp_path):
