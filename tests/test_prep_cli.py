@@ -278,3 +278,35 @@ def test_vocabulary_over_65536_is_stored_as_uint32(tmp_path):
     assert tf.dtype.itemsize == 4 and tf.bos_id == tok.bos_id
     assert split_docs(out) == [[tok.bos_id] + tok.encode("hello world"), [tok.bos_id] + tok.encode("\u00ff\u00fe high bytes")]
     assert max(tf.tokens) > 65535
+
+
+def test_ctrl_c_mid_run_leaves_nothing(tokenizer_path, tmp_path):
+    """Interrupted while reading (a FIFO input blocks until we write): exit 130, no temporary file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    env = {**os.environ, "SMEDJAN_PLAIN_PROGRESS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "smedjan_tools.cli", "prepare", "-i", str(fifo), "-t",
+                             str(tokenizer_path), "-o", str(out_dir / "train.bin"), "--workers", "2"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        with open(fifo, "w") as w:  # blocks until prepare opens the FIFO for reading
+            w.write("some text\n" * 1000)
+            w.flush()
+            deadline = time.monotonic() + 60
+            while not list(out_dir.iterdir()) and time.monotonic() < deadline:
+                time.sleep(0.05)  # wait for the temporary output to exist
+            assert [p.name.endswith(".tmp") for p in out_dir.iterdir()] == [True]
+            proc.send_signal(signal.SIGINT)
+            err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert leftovers(out_dir, set()) == []
