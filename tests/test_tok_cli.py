@@ -49,3 +49,26 @@ def test_umbrella_lists_tools():
     assert res.code == 0
     for name in COMMANDS:
         assert name in res.out
+
+
+def test_sigterm_leaves_no_temporary_file(tmp_path, tokenizer_path, shared_data):
+    """A tool killed by SIGTERM while it streams its output to a temporary file unwinds:
+    exit 143, no output, no temporary file, no worker tracebacks."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "train.bin"
+    proc = subprocess.Popen([sys.executable, "-m", "smedjan_tools.cli", "prepare", "-i", shared_data / "pretrain", "-i", shared_data / "pretrain", "-i", shared_data / "eval",
+                             "-t", tokenizer_path, "--workers", "2", "-o", out],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".train.bin.*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".train.bin.*")), "prepare never started writing"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

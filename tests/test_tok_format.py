@@ -79,7 +79,7 @@ def test_a_token_file_is_not_a_tokenizer(tmp_path):
 
     path = tmp_path / "train.bin"
     path.write_bytes(encode_header(C.TOKENS_MAGIC, C.TOKENS_VERSION, {"kind": "tokens"}))
-    with pytest.raises(UserError, match="wrong magic"):
+    with pytest.raises(UserError, match="is a smedjan token .* file, not a tokenizer file"):
         Tokenizer.load(path)
 
 

@@ -45,6 +45,12 @@ def test_decoding_any_ids_never_raises(tokenizer, ids):
     assert text == tokenizer.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
+@SETTINGS
+@given(text=texts)
+def test_numpy_encoding_equals_list_encoding(tokenizer, text):
+    assert tokenizer.encode_numpy(text).tolist() == tokenizer.encode(text)
+
+
 def test_cut_characters_become_replacement_chars(tokenizer):
     ids = tokenizer.encode("日")
     raw = tokenizer.decode_bytes(ids)

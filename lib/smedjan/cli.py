@@ -67,6 +67,7 @@ def tool(name: str) -> Callable[[Callable], Callable]:
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             _current_tool[0] = f"smedjan {name}"
+            _exit_cleanly_on_sigterm()
             try:
                 return fn(*args, **kwargs)
             except UserError as e:
@@ -74,6 +75,9 @@ def tool(name: str) -> Callable[[Callable], Callable]:
             except KeyboardInterrupt:
                 log(f"smedjan {name}: interrupted")
                 raise typer.Exit(130) from None
+            except Terminated:
+                log(f"smedjan {name}: terminated")
+                raise typer.Exit(143) from None
             except BrokenPipeError:
                 # `smedjan encode ... | head` closes stdout early: not an error.
                 sys.stderr.close()
@@ -82,6 +86,26 @@ def tool(name: str) -> Callable[[Callable], Callable]:
         return wrapper
 
     return decorate
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception, so `finally` blocks and atomic writes clean up."""
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    # The default SIGTERM action kills the process on the spot, leaving temporary files
+    # behind; raising instead unwinds the stack. Tools with their own handler (train
+    # checkpoints on SIGTERM) install it later and take precedence.
+    import signal
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (tests calling tools in-process)
+            pass
 
 
 def make_app(help: str | None = None) -> typer.Typer:

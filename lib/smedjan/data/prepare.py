@@ -78,21 +78,8 @@ _state: tuple | None = None
 
 
 def _make_state(tok, dtype: np.dtype) -> tuple:
-    # tiktoken's encode_to_numpy with no special handling equals encode_ordinary (special
-    # spellings stay plain text, as Tokenizer.encode does) but hands back a buffer, not a
-    # list of Python ints. Tokenizer keeps its tiktoken engine in `_tiktoken`.
-    enc = tok._tiktoken
-
-    def encode(text: str) -> np.ndarray:
-        try:
-            return enc.encode_to_numpy(text, disallowed_special=())
-        except UnicodeEncodeError:
-            # Lone surrogates (from JSON "\ud800" escapes) cannot be UTF-8: replace them,
-            # as Tokenizer.encode does.
-            fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-            return enc.encode_to_numpy(fixed, disallowed_special=())
-
-    return encode, tok.bos_id, dtype
+    # encode_numpy hands back a buffer, not a list of Python ints.
+    return tok.encode_numpy, tok.bos_id, dtype
 
 
 def _init_worker(tok_bytes: bytes | None, dtype_str: str) -> None:
@@ -100,6 +87,8 @@ def _init_worker(tok_bytes: bytes | None, dtype_str: str) -> None:
     # Ctrl-C is the parent's to handle (it terminates the pool and removes the
     # temporary files); workers ignoring it keeps the terminal free of their tracebacks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The parent's SIGTERM handler (smedjan.cli) unwinds the parent; a worker just dies.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if tok_bytes is not None:  # spawn: nothing was inherited
         from smedjan.tokenizer import Tokenizer
 

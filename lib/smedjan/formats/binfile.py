@@ -20,6 +20,7 @@ from smedjan.formats import constants as C
 from smedjan.io import check_input_file
 
 _FIXED = struct.Struct("<8sII")
+_KNOWN_MAGICS = {C.TOKENIZER_MAGIC: "tokenizer", C.TOKENS_MAGIC: "token (train.bin/val.bin)"}
 MAX_HEADER = 1 << 20
 
 
@@ -39,6 +40,9 @@ def read_header_from(f: BinaryIO, path: Path, magic: bytes, version: int, kind: 
         raise _bad(path, f"truncated (only {len(fixed)} bytes), not a smedjan {kind} file", kind)
     got_magic, got_version, n = _FIXED.unpack(fixed)
     if got_magic != magic:
+        other = _KNOWN_MAGICS.get(got_magic)
+        if other:
+            raise UserError(f"{path}: is a smedjan {other} file, not a {kind} file (wrong magic)")
         raise _bad(path, f"wrong magic {got_magic!r}, not a smedjan {kind} file", kind)
     if got_version != version:
         raise _bad(path, f"{kind} format version {got_version}, this smedjan reads version {version}", kind)

@@ -235,6 +235,13 @@ class Tokenizer:
             return self._tiktoken.encode(text, allowed_special="all", disallowed_special=())
         return self._tiktoken.encode_ordinary(text)
 
+    def encode_numpy(self, text: str) -> np.ndarray:
+        """`encode(text)` as a uint32 array, without building a list of Python ints."""
+        try:
+            return self._tiktoken.encode_to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:
+            return self._tiktoken.encode_to_numpy(_fix_surrogates(text), disallowed_special=())
+
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
         return self._tiktoken.encode_ordinary_batch(texts, num_threads=num_threads)
 

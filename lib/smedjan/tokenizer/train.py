@@ -37,6 +37,11 @@ _worker_regex = None
 def _init_worker(pattern: str) -> None:
     global _worker_regex
     import regex
+    import signal
+
+    # Ctrl-C and SIGTERM are the parent's to handle; a worker just stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     _worker_regex = regex.compile(C.PRETOKENIZER_PATTERNS[pattern])
 
