@@ -72,3 +72,24 @@ def test_sigterm_leaves_no_temporary_file(tmp_path, tokenizer_path, shared_data)
     assert proc.returncode == 143, err
     assert "terminated" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("delay", [0.4, 0.7, 1.0])
+def test_sigterm_at_any_moment_leaves_no_orphan_workers(tmp_path, tokenizer_path, shared_data, delay):
+    """SIGTERM while the worker pool is being built must not orphan workers: they would
+    keep our stderr pipe open (communicate() would hang) and burn CPU forever."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "train.bin"
+    proc = subprocess.Popen([sys.executable, "-m", "smedjan_tools.cli", "prepare", "-i", shared_data / "pretrain",
+                             "-t", tokenizer_path, "--workers", "2", "-o", out],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)  # hangs if an orphan holds the pipe
+    assert proc.returncode in (143, 0), err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob(".train.bin.*"))

@@ -31,11 +31,8 @@ process pool was as fast or faster than a thread pool and used less CPU in total
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 import os
-import signal
 import struct
-import sys
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +44,7 @@ from smedjan.data.sources import ReadStats, expand_inputs, iter_chunks
 from smedjan.errors import UserError
 from smedjan.formats.tokens import TokenWriter, dtype_for_vocab
 from smedjan.io import check_output_path
+from smedjan.parallel import fork_context, worker_pool
 
 # Characters of text per encode job: large enough to amortize the hand-off to a worker,
 # small enough that 2 jobs per worker in flight stay a few MB. SMEDJAN_PREP_JOB_CHARS
@@ -84,11 +82,6 @@ def _make_state(tok, dtype: np.dtype) -> tuple:
 
 def _init_worker(tok_bytes: bytes | None, dtype_str: str) -> None:
     global _state
-    # Ctrl-C is the parent's to handle (it terminates the pool and removes the
-    # temporary files); workers ignoring it keeps the terminal free of their tracebacks.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The parent's SIGTERM handler (smedjan.cli) unwinds the parent; a worker just dies.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if tok_bytes is not None:  # spawn: nothing was inherited
         from smedjan.tokenizer import Tokenizer
 
@@ -115,13 +108,13 @@ def encode_jobs(jobs: Iterable[list], tok, dtype: np.dtype, workers: int) -> Ite
         for job in jobs:
             yield _encode_job(job)
         return
-    if sys.platform.startswith("linux"):
-        # fork: workers inherit the ready tokenizer; they only run the encoder.
-        ctx, tok_bytes = mp.get_context("fork"), None
+    if fork_context().get_start_method() == "fork":
+        # workers inherit the ready tokenizer; they only run the encoder.
+        tok_bytes = None
         _state = _make_state(tok, dtype)
-    else:  # fork is unsafe with macOS system frameworks
-        ctx, tok_bytes = mp.get_context("spawn"), tok.to_bytes()
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tok_bytes, dtype.str)) as pool:
+    else:
+        tok_bytes = tok.to_bytes()
+    with worker_pool(workers, _init_worker, (tok_bytes, dtype.str)) as pool:
         pending: deque = deque()
         for job in jobs:
             pending.append(pool.apply_async(_encode_job, (job,)))

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import gc
 import heapq
-import multiprocessing as mp
 import os
-import sys
 from collections import Counter, defaultdict
 from typing import Callable, Iterable
 
 from smedjan.errors import UserError
 from smedjan.formats import constants as C
+from smedjan.parallel import worker_pool
 from smedjan.tokenizer.core import Tokenizer
 
 JOB_CHARS = 2_000_000
@@ -37,11 +36,6 @@ _worker_regex = None
 def _init_worker(pattern: str) -> None:
     global _worker_regex
     import regex
-    import signal
-
-    # Ctrl-C and SIGTERM are the parent's to handle; a worker just stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     _worker_regex = regex.compile(C.PRETOKENIZER_PATTERNS[pattern])
 
@@ -84,10 +78,7 @@ def count_pieces(texts: Iterable[str], pattern: str = C.DEFAULT_PRETOKENIZER, wo
         for job in jobs_with_progress():
             total.update(_count_job(job))
         return total
-    # fork on Linux: workers only run the regex, and fork needs no `__main__` guard in
-    # the caller's script. Elsewhere fork is unsafe with system frameworks: spawn.
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(pattern,)) as pool:
+    with worker_pool(workers, _init_worker, (pattern,)) as pool:
         for part in pool.imap(_count_job, jobs_with_progress(), chunksize=1):
             total.update(part)
     return total
