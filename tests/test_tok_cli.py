@@ -90,6 +90,7 @@ def test_sigterm_at_any_moment_leaves_no_orphan_workers(tmp_path, tokenizer_path
     time.sleep(delay)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)  # hangs if an orphan holds the pipe
-    assert proc.returncode in (143, 0), err
+    # -15: the signal came during interpreter start-up, before the tool ran (nothing to clean)
+    assert proc.returncode in (143, 0, -signal.SIGTERM), err
     assert "Traceback" not in err
     assert not list(tmp_path.glob(".train.bin.*"))
