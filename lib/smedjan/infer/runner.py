@@ -1,0 +1,199 @@
+"""The model's forward pass laid out for inference: prefill and one-token decode steps
+over a preallocated KV cache whose rows are independent sequences.
+
+`Transformer.forward` is written for training (one shape, autograd, `is_causal`).
+Decoding one token at a time on a CPU is dominated by per-op overhead and by how the
+weights are read, so the runner keeps its own copy of the weights, re-laid out once:
+- Q, K and V are one matrix, and so are the FFN's gate and up projections (3 and 2
+  matmuls become 1 each);
+- matrices are stored transposed ([in, out], row-major), which the BLAS reads
+  faster for a single activation row than `F.linear`'s [out, in];
+- each RMSNorm gain, the norm's sqrt(dim), and the attention scale 1/sqrt(head_dim)
+  are folded into the matrix that follows, so a norm costs one `vector_norm` and a
+  `rsqrt`, and attention needs no scaling.
+The arithmetic is the model's (same RoPE tables, GQA, sliding window, tied or untied
+head); rounding differs only in float32's last bits. tests/test_infer_engine.py
+checks greedy decoding against recomputing `Transformer.forward` at every step.
+
+Rows of the cache may hold sequences of different lengths (continuous batching): a
+decode step writes row r's new key/value at its own column `lens[r]` and masks the
+columns beyond it. When all rows have the same length (batch 1 in particular) the
+step takes a plain path with no mask and slice writes.
+
+    runner = Runner(model)                                # model from load_model()
+    cache = runner.new_cache(batch=2, max_len=256)
+    logits = runner.prefill(cache, 0, [[1, 2, 3], [4, 5]])   # [2, vocab], at each row's last token
+    logits = runner.decode(cache, torch.tensor([7, 9]), [3, 2])  # next tokens at columns 3 and 2
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from smedjan.model.model import KVCache, Transformer, attention_mask
+
+
+@dataclass
+class _Layer:
+    wqkv: torch.Tensor  # [dim, (H + 2 Hkv) hd]: norm gain, sqrt(dim) and (for Q) 1/sqrt(hd) folded in
+    wo: torch.Tensor  # [H hd, dim]
+    w13: torch.Tensor  # [dim, 2 ffn]: gate | up, norm gain and sqrt(dim) folded in
+    w2: torch.Tensor  # [ffn, dim]
+
+
+class Runner:
+    """Inference forward of a `Transformer` (see the module docstring). The model's own
+    parameters are not modified; the runner holds re-laid-out copies on `device`."""
+
+    def __init__(self, model: Transformer, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        cfg = self.cfg = model.cfg
+        ref = model.tok_embeddings.weight
+        self.device = torch.device(device) if device is not None else ref.device
+        self.dtype = dtype or ref.dtype
+        H, Hkv, hd, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
+        self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, hd
+        self.window = cfg.sliding_window
+        # Fold in float64 (then round once) so folding adds no rounding of its own.
+        f64 = torch.float64
+
+        def put(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=self.device, dtype=self.dtype).contiguous()
+
+        with torch.no_grad():
+            root_d = math.sqrt(D)
+            q_scale = 1.0 / math.sqrt(hd)
+            self.layers: list[_Layer] = []
+            for block in model.layers:
+                a, f = block.attention, block.feed_forward
+                g1 = block.attention_norm.weight.to(f64)[:, None] * root_d  # [dim, 1]
+                g2 = block.ffn_norm.weight.to(f64)[:, None] * root_d
+                wqkv = torch.cat([a.wq.weight.to(f64) * q_scale, a.wk.weight.to(f64), a.wv.weight.to(f64)]).T * g1
+                w13 = torch.cat([f.w1.weight.to(f64), f.w3.weight.to(f64)]).T * g2
+                self.layers.append(_Layer(put(wqkv), put(a.wo.weight.T), put(w13), put(f.w2.weight.T)))
+            self.embedding = put(model.tok_embeddings.weight)
+            self.head = put(model.head_weight.to(f64).T * (model.norm.weight.to(f64)[:, None] * root_d))  # [dim, V]
+        # RMSNorm(x) @ W == (x * rsqrt(|x|^2 + dim * eps)) @ (sqrt(dim) * diag(g) W): only this sum remains.
+        self.norm_eps = D * cfg.norm_eps
+        self.ffn = cfg.ffn_hidden
+        cos, sin = model.rope(self.device)  # [max_seq_len, hd], float32 (float64 for float64 models)
+        half = hd // 2
+        # rotate_half(x) * sin == swap_halves(x) * [-sin, +sin]: a flip instead of slices and a cat.
+        sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(sin)
+        self.cos, self.sin = cos, sin * sign
+        self.max_len = cfg.max_seq_len
+
+    # ------------------------------------------------------------------ helpers
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        return KVCache(self.cfg, batch, max_len or self.max_len, self.device, self.dtype)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        """x * rsqrt(|x|^2 + dim*eps): the part of RMSNorm not folded into the next matrix.
+        Computed in at least float32 (bf16 sums of squares lose too much)."""
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().add_(self.norm_eps).rsqrt_()
+        return (xf * r).to(x.dtype)
+
+    def _rope(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """qk: [..., n_heads, hd] (Q and K heads together); cos, sin: broadcastable
+        [..., 1, hd]. Rotates in the tables' precision, like the model."""
+        shape = qk.shape
+        half = shape[-1] // 2
+        x = qk.to(cos.dtype).view(*shape[:-1], 2, half)
+        out = x * cos.view(*cos.shape[:-1], 2, half) + x.flip(-2) * sin.view(*sin.shape[:-1], 2, half)
+        return out.view(shape).to(qk.dtype)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._norm(x) @ self.head
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, cache: KVCache, row: int, prompts: list[list[int]], start: int = 0) -> torch.Tensor:
+        """Run `prompts` (token id lists, any lengths) through rows row..row+len(prompts)-1
+        of `cache`, writing their keys/values at columns start..; rows already hold
+        `start` columns of context (0 for a fresh sequence). Returns the logits after
+        each prompt's last token, [len(prompts), vocab].
+
+        Prompts are right-padded to the longest: a real token's causal attention never
+        reaches the padding to its right, and the padding's cache columns are
+        overwritten by the row's next tokens before anything reads them."""
+        n, T = len(prompts), max(len(p) for p in prompts)
+        if start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions, {start + T} requested")
+        ids = torch.zeros((n, T), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = ids.to(self.device)
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        nqk = (H + Hkv) * hd
+        cos, sin = self.cos[start:start + T, None], self.sin[start:start + T, None]  # [T, 1, hd]
+        mask = attention_mask(T, start + T, start, self.window, self.device)
+        x = self.embedding[ids]  # [n, T, dim]
+        for i, L in enumerate(self.layers):
+            qkv = self._norm(x) @ L.wqkv  # [n, T, (H + 2 Hkv) hd]
+            qk = self._rope(qkv[..., :nqk].view(n, T, H + Hkv, hd), cos, sin)
+            q = qk[:, :, :H].transpose(1, 2)  # [n, H, T, hd]
+            k = qk[:, :, H:].transpose(1, 2)  # [n, Hkv, T, hd]
+            v = qkv[..., nqk:].view(n, T, Hkv, hd).transpose(1, 2)
+            kc, vc = cache.k[i][row:row + n], cache.v[i][row:row + n]
+            kc[:, :, start:start + T] = k
+            vc[:, :, start:start + T] = v
+            if start:
+                k, v = kc[:, :, :start + T], vc[:, :, :start + T]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               scale=1.0, enable_gqa=H != Hkv)
+            x = x + y.transpose(1, 2).reshape(n, T, H * hd) @ L.wo
+            g = self._norm(x) @ L.w13
+            x = x + (F.silu(g[..., :self.ffn]) * g[..., self.ffn:]) @ L.w2
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self._logits(x[torch.arange(n, device=self.device), last])
+
+    # ------------------------------------------------------------------- decode
+    def decode(self, cache: KVCache, tokens: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        """One step for rows 0..n-1: `tokens` [n] (on any device) go to columns `lens`
+        (each row's current length). Returns next-token logits [n, vocab]."""
+        n = len(lens)
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        nqk = (H + Hkv) * hd
+        top = max(lens)
+        if top >= cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions, {top + 1} requested")
+        same = min(lens) == top
+        window = self.window
+        if same:
+            # Every row at the same column: slice writes; a sliding window is a narrower slice.
+            pos = top
+            lo = max(0, pos + 1 - window) if window else 0
+            cos, sin = self.cos[pos], self.sin[pos]  # [hd]
+            mask = None
+        else:
+            cols = torch.tensor(lens, device=self.device)  # [n]
+            rows = torch.arange(n, device=self.device)
+            lo = max(0, min(lens) + 1 - window) if window else 0
+            cos, sin = self.cos[cols, None], self.sin[cols, None]  # [n, 1, hd]
+            span = torch.arange(lo, top + 1, device=self.device)
+            keep = span[None, :] <= cols[:, None]  # [n, S]: row r sees its own columns only
+            if window:
+                keep &= span[None, :] > cols[:, None] - window
+            mask = keep[:, None, None, :]  # [n, 1, 1, S], broadcast over heads
+        x = self.embedding[tokens.to(self.device)]  # [n, dim]
+        for i, L in enumerate(self.layers):
+            qkv = self._norm(x) @ L.wqkv  # [n, (H + 2 Hkv) hd]
+            qk = self._rope(qkv[:, :nqk].view(n, H + Hkv, hd), cos, sin)
+            v = qkv[:, nqk:].view(n, Hkv, hd)
+            kc, vc = cache.k[i], cache.v[i]
+            if same:
+                kc[:n, :, pos] = qk[:, H:]
+                vc[:n, :, pos] = v
+            else:
+                kc[rows, :, cols] = qk[:, H:]
+                vc[rows, :, cols] = v
+            y = F.scaled_dot_product_attention(qk[:, :H, None], kc[:n, :, lo:top + 1], vc[:n, :, lo:top + 1],
+                                               attn_mask=mask, scale=1.0, enable_gqa=H != Hkv)  # [n, H, 1, hd]
+            x = torch.addmm(x, y.view(n, H * hd), L.wo)
+            g = self._norm(x) @ L.w13
+            x = torch.addmm(x, F.silu(g[:, :self.ffn]) * g[:, self.ffn:], L.w2)
+        return self._logits(x)
