@@ -8,7 +8,9 @@ token completes them; invalid bytes become U+FFFD exactly as `Tokenizer.decode`
 does, so the concatenated deltas equal `tok.decode(ids)`.
 
 `StopText` holds back the end of the text while it could still be the beginning of a
-stop string, so no delta ever has to be taken back.
+stop string, so no delta ever has to be taken back. Generation ends at the first
+token after which the text contains a stop string; the text is cut at the earliest
+stop string it then contains.
 
     detok, stops = Detokenizer(tok), StopText(["\\n\\n"])
     for t in ids:
