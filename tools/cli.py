@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "decode": ("smedjan_tools.tok.decode", "Decode token ids to text."),
     "prepare": ("smedjan_tools.prep.prepare", "Encode a corpus into train.bin (and val.bin) for training."),
     "data-info": ("smedjan_tools.prep.data_info", "Show what a train.bin/val.bin holds, with decoded samples."),
+    "export-gguf": ("smedjan_tools.export.export_gguf", "Write a checkpoint (or HF Llama folder) as a GGUF for llama.cpp."),
+    "import-hf": ("smedjan_tools.export.import_hf", "Import a Hugging Face Llama folder as a smedjan checkpoint."),
+    "export-hf": ("smedjan_tools.export.export_hf", "Write a checkpoint as a Hugging Face LlamaForCausalLM folder."),
 }
 
 

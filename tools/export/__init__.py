@@ -1,0 +1,1 @@
+"""Export stage tools: export-gguf, import-hf, export-hf."""

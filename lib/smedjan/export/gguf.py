@@ -1,0 +1,318 @@
+"""GGUF export: a smedjan checkpoint (or an HF Llama folder) -> one file llama.cpp runs alone.
+
+The file is GGUF v3, architecture `llama`, written with the `gguf` package:
+- hyperparameters under `llama.*` with the types llama.cpp's loader demands (u32 sizes,
+  f32 rope base and norm epsilon), RoPE scaling mapped to what llama.cpp computes
+  (linear/yarn keys, the stretched base for static NTK, a `rope_freqs` tensor for llama3);
+- the tokenizer (`tokenizer.ggml.model = gpt2`, `pre` naming our split regex, tokens in
+  GPT-2 byte-to-unicode form, specials literal and CONTROL, merges, bos/eos/eot/pad ids)
+  and the chat template (Jinja);
+- tensors: wq/wk rows permuted from the half-split RoPE layout to llama.cpp's interleaved
+  one; 1-D norm gains always f32; matrices f32, q8_0 or q4_0 (`smedjan.export.quant`,
+  bit-exact with ggml). With q4_0 the output head (the embedding, when tied) stays q8_0
+  unless `pure`, as llama.cpp's own quantizer keeps the head at higher precision. A matrix
+  whose rows are not a multiple of 32 values falls back to f16 (f32 beyond f16's range).
+
+    summary = export_gguf("final.bin", "model-q4_0.gguf", quant="q4_0")
+    summary = export_gguf("tiny-random-llama/", "m.gguf", tokenizer="tok.bin")
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from smedjan.errors import UserError
+from smedjan.export import quant as Q
+from smedjan.export.source import ModelSource, load_source
+from smedjan.formats import constants as C
+from smedjan.io import atomic_path, check_output_path
+from smedjan.model.config import ModelConfig
+
+QUANTS = ("f32", "q8_0", "q4_0")
+F16_MAX = 65504.0
+TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # gguf.TokenType values
+_NAME_MAP = [
+    (r"tok_embeddings\.weight", "token_embd.weight"),
+    (r"norm\.weight", "output_norm.weight"),
+    (r"output\.weight", "output.weight"),
+    (r"layers\.(\d+)\.attention_norm\.weight", r"blk.\1.attn_norm.weight"),
+    (r"layers\.(\d+)\.attention\.wq\.weight", r"blk.\1.attn_q.weight"),
+    (r"layers\.(\d+)\.attention\.wk\.weight", r"blk.\1.attn_k.weight"),
+    (r"layers\.(\d+)\.attention\.wv\.weight", r"blk.\1.attn_v.weight"),
+    (r"layers\.(\d+)\.attention\.wo\.weight", r"blk.\1.attn_output.weight"),
+    (r"layers\.(\d+)\.ffn_norm\.weight", r"blk.\1.ffn_norm.weight"),
+    (r"layers\.(\d+)\.feed_forward\.w1\.weight", r"blk.\1.ffn_gate.weight"),
+    (r"layers\.(\d+)\.feed_forward\.w3\.weight", r"blk.\1.ffn_up.weight"),
+    (r"layers\.(\d+)\.feed_forward\.w2\.weight", r"blk.\1.ffn_down.weight"),
+]
+
+
+def gguf_name(name: str) -> str:
+    """smedjan tensor name -> llama.cpp tensor name."""
+    for pat, rep in _NAME_MAP:
+        if re.fullmatch(pat, name):
+            return re.sub(pat, rep, name)
+    raise KeyError(name)
+
+
+def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """wq/wk [n_heads*hd, dim]: HF half-split rows (i, i + hd/2 rotate together) -> llama.cpp's
+    interleaved pairs (2i, 2i+1). Within each head, new row 2i = old row i and new row 2i+1 =
+    old row i + hd/2; q.k is unchanged because q and k are permuted alike."""
+    out, inp = w.shape
+    hd = out // n_heads
+    return w.reshape(n_heads, 2, hd // 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of `permute_rope_rows`."""
+    out, inp = w.shape
+    hd = out // n_heads
+    return w.reshape(n_heads, hd // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+def check_llama_compatible(cfg: ModelConfig, where: str) -> None:
+    """Refuse what llama.cpp's `llama` architecture would run differently from smedjan."""
+    if cfg.sliding_window:
+        raise UserError(f"{where}: model config sliding_window={cfg.sliding_window}: llama.cpp's llama "
+                        "architecture has no sliding-window attention; not exportable to GGUF")
+    if cfg.rope_scaling == "yarn" and cfg.rope_factor > 1 and (cfg.yarn_beta_fast, cfg.yarn_beta_slow) != (32.0, 1.0):
+        raise UserError(f"{where}: model config yarn_beta_fast/yarn_beta_slow = {cfg.yarn_beta_fast}/"
+                        f"{cfg.yarn_beta_slow}: llama.cpp's llama architecture uses 32/1 only")
+
+
+def rope_metadata(cfg: ModelConfig) -> tuple[dict, np.ndarray | None]:
+    """(extra llama.* keys, rope_freqs tensor or None) reproducing `rope_frequencies(cfg)`."""
+    from smedjan.model.model import rope_frequencies
+
+    kind = cfg.rope_scaling if cfg.rope_factor > 1.0 else "none"
+    keys: dict = {"freq_base": float(cfg.rope_theta)}
+    if kind == "ntk":
+        # static NTK is plain RoPE with a stretched base
+        keys["freq_base"] = cfg.rope_theta * cfg.rope_factor ** (cfg.head_dim / (cfg.head_dim - 2))
+    elif kind == "linear":
+        keys.update(scaling_type="linear", scaling_factor=cfg.rope_factor)
+    elif kind == "yarn":
+        keys.update(scaling_type="yarn", scaling_factor=cfg.rope_factor,
+                    orig_ctx=cfg.rope_original_max_seq_len or cfg.max_seq_len)
+    elif kind == "llama3":
+        # llama.cpp divides each frequency by rope_freqs[i] ([head_dim/2], f32)
+        plain = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+        scaled, _ = rope_frequencies(cfg)
+        return keys, (plain / scaled).numpy().astype(np.float32)
+    return keys, None
+
+
+def token_strings(tok) -> tuple[list[str], list[int]]:
+    """tokenizer.ggml.tokens and token_type: GPT-2 byte-to-unicode strings (NORMAL) for ordinary
+    tokens, the literal spelling (CONTROL) for specials. Strings must be unique for llama.cpp."""
+    from smedjan.tokenizer.bytelevel import token_to_str
+
+    special_ids = set(tok.specials.values())
+    strings, types = [], []
+    for i, t in enumerate(tok.tokens):
+        if i in special_ids:
+            strings.append(t.decode())
+            types.append(TOKEN_CONTROL)
+        else:
+            strings.append(token_to_str(t))
+            types.append(TOKEN_NORMAL)
+    seen: dict[str, int] = {}
+    for i, s in enumerate(strings):
+        if s in seen:
+            raise UserError(f"tokens {seen[s]} and {i} are both spelled {s!r} in GGUF form; llama.cpp needs "
+                            "unique token strings")
+        seen[s] = i
+    return strings, types
+
+
+def add_tokenizer(writer, tok) -> dict:
+    """Write the tokenizer keys; returns the special ids used."""
+    from smedjan.chat import CHAT_TEMPLATE
+    from smedjan.export.hf import special_ids
+    from smedjan.tokenizer.bytelevel import token_to_str
+
+    strings, types = token_strings(tok)
+    ids = special_ids(tok)
+    if "bos" not in ids or "eos" not in ids:
+        raise UserError(f"tokenizer has no {C.BOS} / {C.ASSISTANT_END} (or <|endoftext|>) token: llama.cpp needs "
+                        "bos and eos ids (its defaults would point at ordinary tokens)")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(C.GGUF_PRETOKENIZER[tok.pattern])
+    writer.add_token_list(strings)
+    writer.add_token_types(types)
+    writer.add_token_merges([f"{token_to_str(tok.tokens[a])} {token_to_str(tok.tokens[b])}" for a, b in tok.merges])
+    writer.add_bos_token_id(ids["bos"])
+    writer.add_eos_token_id(ids["eos"])
+    # EOT too: llama.cpp stops generation at any of eos/eot; chat replies end at <|assistant_end|>.
+    writer.add_eot_token_id(ids["eos"])
+    if "pad" in ids:
+        writer.add_pad_token_id(ids["pad"])
+    # every training document and every conversation starts with BOS, so llama.cpp should add it
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    if tok.has_chat_tokens:
+        writer.add_chat_template(CHAT_TEMPLATE)
+    return ids
+
+
+@dataclass
+class _Planned:
+    name: str
+    gguf: str
+    ggml: str  # f32 | f16 | q8_0 | q4_0
+    note: str | None = None
+
+
+def plan_type(name: str, shape: tuple[int, ...], quant: str, tied: bool, pure: bool) -> _Planned:
+    """The GGML type of one tensor (before the f16-range check)."""
+    g = gguf_name(name)
+    if len(shape) == 1 or quant == "f32":
+        return _Planned(name, g, "f32")
+    is_head = name == "output.weight" or (tied and name == "tok_embeddings.weight")
+    want = "q8_0" if (quant == "q4_0" and is_head and not pure) else quant
+    if shape[-1] % Q.BLOCK:
+        return _Planned(name, g, "f16", f"rows of {shape[-1]} values are not a multiple of {Q.BLOCK}")
+    return _Planned(name, g, want)
+
+
+def _tensor_order(cfg: ModelConfig) -> list[str]:
+    names = ["tok_embeddings.weight"]
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        names += [p + "attention_norm.weight", p + "attention.wq.weight", p + "attention.wk.weight",
+                  p + "attention.wv.weight", p + "attention.wo.weight", p + "ffn_norm.weight",
+                  p + "feed_forward.w1.weight", p + "feed_forward.w3.weight", p + "feed_forward.w2.weight"]
+    names.append("norm.weight")
+    if not cfg.tie_embeddings:
+        names.append("output.weight")
+    return names
+
+
+def _convert(src: ModelSource, plan: _Planned) -> tuple[np.ndarray, _Planned]:
+    cfg = src.config
+    w = src.tensors[plan.name].to(torch.float32).numpy()  # bf16/f16 -> f32 is exact
+    if plan.name.endswith("attention.wq.weight"):
+        w = permute_rope_rows(w, cfg.n_heads)
+    elif plan.name.endswith("attention.wk.weight"):
+        w = permute_rope_rows(w, cfg.n_kv_heads)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if plan.ggml == "f32":
+        return w, plan
+    if plan.ggml == "f16":
+        if np.abs(w).max(initial=0.0) > F16_MAX:
+            return w, _Planned(plan.name, plan.gguf, "f32", (plan.note or "") + "; values exceed f16's range")
+        return w.astype(np.float16), plan
+    return Q.quantize(w, plan.ggml), plan
+
+
+def export_gguf(src: str | os.PathLike | ModelSource, out_path: str | os.PathLike, quant: str = "f32",
+                tokenizer: str | os.PathLike | None = None, no_vocab: bool = False, pure: bool = False,
+                on_tensor: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None) -> dict:
+    """Write `src` (checkpoint path, HF folder or ModelSource) as a GGUF; returns a summary dict.
+
+    `tokenizer` supplies a tokenizer.bin when the source has none; `no_vocab` writes a
+    weights-only file (`tokenizer.ggml.model = none`) that llama.cpp loads and runs on token
+    ids. `on_tensor(name)` is called after each tensor; `warn(message)` gets the source's warnings
+    and one line per kind of fallback."""
+    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
+
+    t0 = time.monotonic()
+    if quant not in QUANTS:
+        raise UserError(f"--quant {quant!r} is unknown; choose {', '.join(QUANTS)}")
+    check_output_path(out_path)
+    source = src if isinstance(src, ModelSource) else load_source(src, tokenizer)
+    cfg, tok, where = source.config, source.tokenizer, str(source.path)
+    check_llama_compatible(cfg, where)
+    warn = warn or (lambda message: None)
+    if no_vocab:
+        tok = None
+    elif tok is None:
+        raise UserError(f"{where}: no tokenizer to embed ({source.tokenizer_note}), and llama.cpp rejects a GGUF "
+                        f"without tokenizer.ggml.tokens; pass --tokenizer with a {cfg.vocab_size}-token "
+                        "tokenizer.bin, or --no-vocab for a weights-only GGUF that runs on token ids")
+    for w in source.warnings:
+        warn(w)
+
+    writer = GGUFWriter(path=None, arch="llama")
+    writer.add_name(source.name)
+    file_type = {"f32": LlamaFileType.ALL_F32, "q8_0": LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": LlamaFileType.MOSTLY_Q4_0}[quant]
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(2)  # GGML_QNT_VERSION
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.dim)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.ffn_hidden)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    rope, rope_freqs = rope_metadata(cfg)
+    writer.add_rope_freq_base(rope["freq_base"])
+    if "scaling_type" in rope:
+        writer.add_rope_scaling_type(RopeScalingType(rope["scaling_type"]))
+        writer.add_rope_scaling_factor(rope["scaling_factor"])
+    if "orig_ctx" in rope:
+        writer.add_rope_scaling_orig_ctx_len(rope["orig_ctx"])
+    ids: dict = {}
+    if tok is not None:
+        ids = add_tokenizer(writer, tok)
+        writer.add_string("smedjan.tokenizer_fingerprint", tok.fingerprint)
+    else:
+        writer.add_tokenizer_model("none")  # llama.cpp: LLAMA_VOCAB_TYPE_NONE, vocab size from llama.vocab_size
+
+    ggml = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16,
+            "q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
+    counts: dict[str, int] = {}
+    fallback: list[str] = []
+    notes: dict[str, list[str]] = {}
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs)
+        counts["f32"] = 1
+    for name in _tensor_order(cfg):
+        plan = plan_type(name, tuple(source.tensors[name].shape), quant, cfg.tie_embeddings, pure)
+        data, plan = _convert(source, plan)
+        if plan.ggml in Q.QUANT_TYPES:
+            writer.add_tensor(plan.gguf, data, raw_dtype=ggml[plan.ggml])
+        else:
+            writer.add_tensor(plan.gguf, data)
+        counts[plan.ggml] = counts.get(plan.ggml, 0) + 1
+        if plan.note and quant != "f32":
+            fallback.append(plan.gguf)
+            notes.setdefault(f"stay {plan.ggml}, not {quant}: {plan.note}", []).append(plan.gguf)
+        if on_tensor:
+            on_tensor(name)
+    for note, names in notes.items():
+        warn(f"{len(names)} tensor(s) {note} ({', '.join(names)})")
+    with atomic_path(out_path) as tmp:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return {
+        "output": str(out_path),
+        "source": where,
+        "quant": quant,
+        "bytes": Path(out_path).stat().st_size,
+        "tensors": sum(counts.values()),
+        "types": ", ".join(f"{k}={v}" for k, v in sorted(counts.items())),
+        "fallback": fallback,
+        "parameters": sum(t.numel() for t in source.tensors.values()),
+        "vocab_size": cfg.vocab_size,
+        "tokenizer": tok.fingerprint if tok is not None else "none (weights only)",
+        "bos_id": ids.get("bos"),
+        "eos_id": ids.get("eos"),
+        "seconds": round(time.monotonic() - t0, 3),
+    }
