@@ -8,8 +8,10 @@ For the trained micro checkpoint exported to GGUF:
 - llama.cpp's greedy sampler produces our greedy 32 tokens;
 - q8_0 / q4_0 stay within the perplexity bounds stated in PPL_BOUNDS;
 - create_chat_completion with the embedded template feeds the model our chat token stream;
-- every RoPE scaling kind gives our logits; a weights-only (--no-vocab) export of the HF
-  tiny-random-llama runs and gives the HF import's logits.
+- every RoPE scaling kind gives our logits;
+- outside HF folders: with a tokenizer.json (as export-hf writes) the GGUF equals the
+  checkpoint's own export; with --tokenizer, llama.cpp gives transformers' logits; without a
+  tokenizer, a weights-only (--no-vocab) export of tiny-random-llama runs on token ids.
 """
 
 from __future__ import annotations
@@ -315,3 +317,47 @@ def test_hf_folder_without_tokenizer_runs_on_token_ids(shared_data, tmp_path):
                           type_v=GGML_F32)
     assert llm.n_vocab() == 32000
     assert rel_err(ours_logits(model.eval(), ids), llama_logits(llm, ids)) < 1e-4
+
+
+def test_hf_folder_with_tokenizer_json_exports_like_its_checkpoint(trained_checkpoint, ggufs, tmp_path):
+    """export-hf, then export-gguf of that folder: its tokenizer.json is picked up and the GGUF
+    holds the same tokenizer and the same tensor bytes as the checkpoint's own export."""
+    from gguf import GGUFReader
+
+    from smedjan.export.hf import export_hf
+    from smedjan.export.source import load_source
+
+    export_hf(load_source(trained_checkpoint), tmp_path / "hf")
+    export_gguf(tmp_path / "hf", tmp_path / "from-hf.gguf", quant="q4_0")
+    export_gguf(trained_checkpoint, tmp_path / "from-ck.gguf", quant="q4_0")
+    a, b = GGUFReader(tmp_path / "from-hf.gguf"), GGUFReader(tmp_path / "from-ck.gguf")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.eos_token_id", "tokenizer.chat_template", "llama.rope.freq_base"):
+        assert a.fields[key].contents() == b.fields[key].contents(), key
+    assert [(t.name, t.tensor_type, np.asarray(t.data).tobytes()) for t in a.tensors] == \
+        [(t.name, t.tensor_type, np.asarray(t.data).tobytes()) for t in b.tensors]
+
+
+def test_hf_folder_with_tokenizer_flag_matches_transformers(tokenizer, tokenizer_path, tmp_path):
+    """An outside HF Llama (untied, GQA, head_dim != hidden/heads) plus our tokenizer of its
+    vocabulary size: llama.cpp runs the GGUF with transformers' logits and our tokenization."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=32, max_position_embeddings=256, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20)
+            layer.self_attn.k_proj.weight.mul_(20)
+    hf.save_pretrained(tmp_path / "hf")
+    summary = export_gguf(tmp_path / "hf", tmp_path / "m.gguf", quant="f32", tokenizer=tokenizer_path)
+    assert summary["tokenizer"] == tokenizer.fingerprint
+    llm = open_llama(tmp_path / "m.gguf", n_ctx=64, type_k=GGML_F32, type_v=GGML_F32)
+    text = "Outside weights, our tokenizer."
+    ids = llm.tokenize(text.encode(), add_bos=True, special=False)
+    assert ids == [tokenizer.bos_id] + tokenizer.encode(text)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].double().numpy()
+    assert rel_err(theirs, llama_logits(llm, ids)) < 1e-4
