@@ -29,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-gguf": ("smedjan_tools.export.export_gguf", "Write a checkpoint (or HF Llama folder) as a GGUF for llama.cpp."),
     "import-hf": ("smedjan_tools.export.import_hf", "Import a Hugging Face Llama folder as a smedjan checkpoint."),
     "export-hf": ("smedjan_tools.export.export_hf", "Write a checkpoint as a Hugging Face LlamaForCausalLM folder."),
+    "generate": ("smedjan_tools.serve.generate", "Generate text from a checkpoint, streamed to stdout."),
+    "chat": ("smedjan_tools.serve.chat", "Chat with a checkpoint in the terminal."),
+    "serve": ("smedjan_tools.serve.serve", "Serve a checkpoint over an OpenAI-compatible HTTP API, with a web chat page."),
 }
 
 

@@ -41,13 +41,13 @@ def export_gguf(
     pure: Annotated[bool, typer.Option("--pure", help="q4_0: quantize the output head as q4_0 too.")] = False,
     json: JsonOpt = False,
 ) -> None:
-    from smedjan.export.gguf import _tensor_order, export_gguf as run
+    from smedjan.export.gguf import tensor_order, export_gguf as run
     from smedjan.export.source import load_source
     from smedjan.io import check_output_path
 
     check_output_path(output)
     src = load_source(checkpoint, tokenizer)
-    with progress("writing tensors", total=len(_tensor_order(src.config))) as bar:
+    with progress("writing tensors", total=len(tensor_order(src.config))) as bar:
         summary = run(src, output, quant=quant, no_vocab=no_vocab, pure=pure,
                       on_tensor=lambda name: bar.advance(1), warn=warn)
     summary["fallback"] = ", ".join(summary["fallback"]) or "none"

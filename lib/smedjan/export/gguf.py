@@ -184,7 +184,8 @@ def plan_type(name: str, shape: tuple[int, ...], quant: str, tied: bool, pure: b
     return _Planned(name, g, want)
 
 
-def _tensor_order(cfg: ModelConfig) -> list[str]:
+def tensor_order(cfg: ModelConfig) -> list[str]:
+    """smedjan tensor names in the order they are written (embedding, layer by layer, head)."""
     names = ["tok_embeddings.weight"]
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
@@ -281,7 +282,7 @@ def export_gguf(src: str | os.PathLike | ModelSource, out_path: str | os.PathLik
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs)
         counts["f32"] = 1
-    for name in _tensor_order(cfg):
+    for name in tensor_order(cfg):
         plan = plan_type(name, tuple(source.tensors[name].shape), quant, cfg.tie_embeddings, pure)
         data, plan = _convert(source, plan)
         if plan.ggml in Q.QUANT_TYPES:

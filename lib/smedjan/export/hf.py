@@ -407,14 +407,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if target.exists():
+        if not target.exists():
+            os.replace(tmp, target)
+        else:
+            # two renames (POSIX cannot swap folders atomically): the old folder steps aside,
+            # the new one takes its name, and a failure in between puts the old one back
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
-            os.replace(target, old / "x")
-        os.replace(tmp, target)
+            os.replace(target, old / target.name)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old / target.name, target)
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
