@@ -61,6 +61,10 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # The classmethod `preset` below shadows this field's default in the class body,
+        # so ModelConfig(...) without preset= would get the bound method: name it custom.
+        if not isinstance(self.preset, str):
+            self.preset = "custom"
         if self.n_kv_heads == 0:
             self.n_kv_heads = self.n_heads
         if self.head_dim == 0:
