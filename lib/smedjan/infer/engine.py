@@ -123,6 +123,10 @@ class Engine:
         if len(seqs) == 1:
             start = _common_prefix(self._cached[row], seqs[0].prompt_ids)
             start = min(start, len(seqs[0].prompt_ids) - 1)  # at least one token to get logits from
+        # Forget what the prefill overwrites first, so an exception (Ctrl-C) midway
+        # cannot leave a row claiming keys it no longer holds.
+        for r in range(len(seqs)):
+            del self._cached[row + r][start:]
         with torch.inference_mode():
             logits = self.runner.prefill(self.cache, row, [s.prompt_ids[start:] for s in seqs], start)
         for r, s in enumerate(seqs):
@@ -218,6 +222,7 @@ class Engine:
         if r != last:
             moved = self.active[last]
             n = moved.length
+            self._cached[r] = []
             for k, v in zip(self.cache.k, self.cache.v):
                 k[r, :, :n] = k[last, :, :n]
                 v[r, :, :n] = v[last, :, :n]

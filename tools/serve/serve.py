@@ -1,0 +1,119 @@
+"""`smedjan serve`: an OpenAI-compatible HTTP API and a web chat page for a checkpoint.
+
+    smedjan serve --checkpoint sft.bin                       # http://127.0.0.1:8000/
+    smedjan serve -c sft.bin --host 0.0.0.0 --port 8080 --api-key "$KEY" --max-batch 16
+    curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "sft.bin", "messages": [{"role": "user", "content": "Hi"}]}'
+
+Needs the serve extra: pip install 'smedjan[serve]'.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from smedjan.cli import log, make_app, run_app, tool
+from smedjan_tools.serve.common import CheckpointOpt, DeviceOpt, DtypeOpt, ThreadsOpt, load_engine
+
+app = make_app()
+
+INDEX_HTML = Path(__file__).resolve().parent / "static" / "index.html"
+
+
+@app.command(help=(
+    "Serve a checkpoint over HTTP: POST /v1/chat/completions and /v1/completions (OpenAI's API, with "
+    "\"stream\": true as server-sent events), GET /v1/models, GET /health (status, active and queued requests) "
+    "and a web chat page at /. Binds 127.0.0.1 unless --host says otherwise. Up to --max-batch requests are "
+    "generated together; more wait in a queue (503 beyond --max-queue). A client that disconnects frees its "
+    "slot at once. Chat replies end at <|assistant_end|>; completions continue the prompt as a document "
+    "(after <|bos|>). The model id is the checkpoint's file name unless --model-name is given."
+))
+@tool("serve")
+def serve(
+    checkpoint: CheckpointOpt,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes the server to the "
+                                                     "network (use --api-key).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free one, named in the startup line).")] = 8000,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="Model id clients must send (default: "
+                                                                           "the checkpoint's file name).")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="SMEDJAN_API_KEY",
+                                                   help="Require 'Authorization: Bearer KEY' on /v1/* "
+                                                        "(or set SMEDJAN_API_KEY).")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Requests generated together (KV-cache rows).")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a row; beyond it, 503.")] = 256,
+    max_body: Annotated[int, typer.Option("--max-body", help="Largest request body in bytes; larger gets 413.")] = 1 << 20,
+    context: Annotated[Optional[int], typer.Option("--context", help="Tokens of context per request (default and "
+                                                                     "maximum: the model's).")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level: critical, error, warning, info, "
+                                                               "debug.")] = "info",
+) -> None:
+    from smedjan.errors import UserError
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise UserError(f"the web stack is missing ({e}); install the serve extra: pip install 'smedjan[serve]'") \
+            from None
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port")
+    if max_body < 1024:
+        raise UserError(f"--max-body {max_body} is too small (at least 1024 bytes)")
+    if max_queue < 0:
+        raise UserError(f"--max-queue must be >= 0, got {max_queue}")
+    if context is not None and context < 2:
+        raise UserError(f"--context must be at least 2, got {context}")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty")
+    if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+        raise UserError(f"--log-level {log_level!r} is not a uvicorn log level")
+
+    from smedjan.infer.http import create_app
+
+    sock = _listen(host, port)  # before the model loads: a taken port fails fast, with exit 2
+    model, tok, engine = load_engine(checkpoint, device, dtype, threads, max_batch, context)
+    name = model_name or checkpoint.name
+    web = create_app(engine, tok, name, api_key=api_key, max_body=max_body, index_html=INDEX_HTML,
+                     max_queue=max_queue)
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    log(f"serving {name} ({model.cfg.n_params() / 1e6:.1f}M parameters, context {engine.context}, "
+        f"batch {max_batch}) at http://{shown}:{bound}/" + (" (API key required)" if api_key else ""))
+    config = uvicorn.Config(web, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _listen(host: str, port: int):
+    """A bound TCP socket (port 0 picks a free one, which the startup line names)."""
+    import socket
+
+    from smedjan.errors import UserError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host!r}: {e.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def main() -> None:
+    run_app(app, "smedjan-serve")
+
+
+if __name__ == "__main__":
+    main()
