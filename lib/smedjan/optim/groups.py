@@ -1,0 +1,61 @@
+"""Parameter groups by role: which tensors get weight decay, and which optimizer later.
+
+Every parameter of a model gets one role:
+- `matrix`:    2-D weights inside the blocks (attention wq/wk/wv/wo, FFN w1/w2/w3).
+               The only role with weight decay; the one Muon-style optimizers take.
+- `embedding`: the token embedding, which is also the output head when tied.
+- `head`:      an untied output head (imported models).
+- `norm`:      RMSNorm gains and any other 1-D (vector) parameter.
+
+Why decay only `matrix`: decoupled weight decay (AdamW) pulls every weight towards 0
+by lr * wd each step, whether or not the weight got a gradient. For the hidden
+matrices that is the intended regulariser (it bounds their norm against the
+normalised activations). An embedding row gets a gradient only when its token occurs,
+so decay would erode rare tokens' rows without any counter-signal, and with the tied
+head the same matrix sets the logit scale; decaying it (or an untied head) mostly
+fights the output calibration. Norm gains are scale parameters around 1: decaying
+them to 0 would shrink every layer's output. This is also what nanochat and most
+Llama recipes do (no decay on embeddings, norms; decay on hidden matrices).
+
+    groups = param_groups(model, weight_decay=0.1)
+    # [{"role": "matrix", "params": [...], "names": [...], "weight_decay": 0.1}, ...]
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+ROLES = ("matrix", "embedding", "head", "norm")
+DECAYED_ROLES = frozenset({"matrix"})
+
+
+def role_of(name: str, param) -> str:
+    """The role of parameter `name` (a name from `model.named_parameters()`)."""
+    if param.ndim < 2:
+        return "norm"
+    if name.endswith("tok_embeddings.weight"):
+        return "embedding"
+    if name.endswith("output.weight"):
+        return "head"
+    return "matrix"
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """One optimizer group per role present in `model`, in ROLES order; only trainable
+    parameters. Each group carries `role`, `names` (parallel to `params`) and its
+    `weight_decay` (the given value for `matrix`, 0 otherwise)."""
+    by_role: dict[str, tuple[list, list[str]]] = {r: ([], []) for r in ROLES}
+    # named_parameters() yields a tied tensor once, so the tied head is not counted twice.
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        params, names = by_role[role_of(name, p)]
+        params.append(p)
+        names.append(name)
+    groups = []
+    for role in ROLES:
+        params, names = by_role[role]
+        if params:
+            groups.append({"role": role, "params": params, "names": names,
+                           "weight_decay": weight_decay if role in DECAYED_ROLES else 0.0})
+    return groups
