@@ -1,0 +1,128 @@
+"""Throughput at a fixed shape: forward tokens/s (logits, no grad) and train tokens/s
+(forward + backward + optimizer step), measured through the very code `smedjan train`
+runs: `Trainer.train_step` with AdamW, gradient-norm check and clipping.
+
+Runners of different implementations are timed in alternating rounds in one process
+(`interleave`), so that a machine shared with other work slows all of them alike and
+their per-round ratio stays fair.
+
+    r = SmedjanRunner(ModelConfig.preset("small", 8192), batch_size=4, seq_len=128)
+    res = interleave({"smedjan": r}, rounds=5, steps=10)    # {"smedjan": {"train": [tok/s, ...], ...}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Callable, Protocol
+
+import torch
+
+from smedjan.model import ModelConfig, Transformer
+from smedjan.optim import OptimizerSettings, build_optimizer, param_groups
+from smedjan.training.loop import Trainer, TrainerConfig
+from smedjan.training.pretrain import lm_loss
+from smedjan.training.schedule import Schedule
+
+
+class Runner(Protocol):
+    tokens_per_step: int
+
+    def train(self, n: int) -> float: ...  # seconds for n training steps
+
+    def forward(self, n: int) -> float: ...  # seconds for n forward passes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class FixedBatches:
+    """A batch source cycling through a few random (x, y) batches, int64 [B, T]."""
+
+    def __init__(self, vocab_size: int, batch_size: int, seq_len: int, n: int = 4, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        rows = [torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=g) for _ in range(n)]
+        self.batches = [(r[:, :-1].contiguous(), r[:, 1:].contiguous()) for r in rows]
+        self.i = 0
+
+    def next_batch(self):
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return b
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.i = state["i"]
+
+
+class SmedjanRunner:
+    def __init__(self, cfg: ModelConfig, batch_size: int, seq_len: int, device: torch.device | str = "cpu",
+                 compile: bool = False, amp_dtype: torch.dtype | None = None, seed: int = 0):
+        self.device = torch.device(device)
+        self.tokens_per_step = batch_size * seq_len
+        torch.manual_seed(seed)
+        self.model = Transformer(cfg).to(self.device)
+        opt = build_optimizer("adamw", param_groups(self.model, 0.1), OptimizerSettings(), self.device)
+        self.source = FixedBatches(cfg.vocab_size, batch_size, seq_len, seed=seed)
+        tcfg = TrainerConfig(tool="bench", steps=1 << 62, handle_signals=False, compile=compile, amp_dtype=amp_dtype)
+        self.trainer = Trainer(self.model, opt, Schedule("wso", 1 << 62, 0), self.source, lm_loss, tcfg)
+        self.amp_dtype = amp_dtype
+        self._fwd = torch.compile(self.model) if compile else self.model
+        self.x = self.source.batches[0][0].to(self.device)
+
+    def train(self, n: int) -> float:
+        _sync(self.device)
+        t = time.perf_counter()
+        for _ in range(n):
+            self.trainer.train_step()  # ends with a host sync (loss, grad norm)
+        _sync(self.device)
+        return time.perf_counter() - t
+
+    def forward(self, n: int) -> float:
+        ctx = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        self.model.eval()
+        try:
+            with torch.no_grad(), ctx:
+                _sync(self.device)
+                t = time.perf_counter()
+                for _ in range(n):
+                    self._fwd(self.x)
+                _sync(self.device)
+                return time.perf_counter() - t
+        finally:
+            self.model.train()
+
+
+def interleave(runners: dict[str, Runner], rounds: int, steps: int, warmup: int = 2,
+               what: tuple[str, ...] = ("forward", "train"),
+               on_round: Callable[[int], None] | None = None) -> dict[str, dict[str, list[float]]]:
+    """tok/s of every runner for each of `what`, one measurement of `steps` calls per
+    round, runners alternating inside each round (their order rotates every round)."""
+    names = list(runners)
+    for name in names:  # warm-up: allocator, compilation, caches
+        for w in what:
+            getattr(runners[name], w)(warmup)
+    out = {n: {w: [] for w in what} for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for w in what:
+            for name in order:
+                secs = getattr(runners[name], w)(steps)
+                out[name][w].append(steps * runners[name].tokens_per_step / secs)
+        if on_round:
+            on_round(r + 1)
+    return out
+
+
+def ratios(res: dict[str, dict[str, list[float]]], a: str, b: str, w: str) -> list[float]:
+    """Per-round tok/s ratios a / b (measured back to back, so shared-machine noise cancels)."""
+    return [x / y for x, y in zip(res[a][w], res[b][w])]
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")

@@ -1,0 +1,52 @@
+"""DDP: `torchrun --nproc-per-node 2` (gloo, CPU) with batch B per process equals one process
+with batch 2B, within float tolerance (the gradient all-reduce sums in another order)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from train_helpers import ENV1, MICRO, losses, metrics, token_files, train
+
+from smedjan.formats.checkpoint import load_checkpoint
+
+FLAGS = [a for a in MICRO if a not in ("--batch-size", "4")] + ["--steps", "8", "--checkpoint-every", "4",
+                                                                  "--grad-accum", "2", "--val-tokens", "512"]
+
+
+def torchrun(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SMEDJAN_PLAIN_PROGRESS": "1", **ENV1}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "smedjan_tools.cli", "train", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path_factory, tokenizer_path, tmp_path):
+    train_bin, val_bin = token_files(tmp_path_factory, tokenizer_path)
+    io = ["--dataset", train_bin, "--tokenizer", tokenizer_path, "--val-dataset", val_bin]
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = train(*io, *FLAGS, "--batch-size", "4", "--checkpoint-dir", one, "--json")
+    assert res.code == 0, res
+    proc = torchrun(*io, *FLAGS, "--batch-size", "2", "--checkpoint-dir", two, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["world_size"] == 2  # only rank 0 reports
+    assert summaries[0]["tokens"] == json.loads(res.out)["tokens"] == 8 * 2 * 4 * 32
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-5)
+    va = [r["val_bpb"] for r in metrics(one) if "val_bpb" in r]
+    vb = [r["val_bpb"] for r in metrics(two) if "val_bpb" in r]
+    assert len(va) == len(vb) == 2 and vb == pytest.approx(va, rel=1e-5)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    wa = load_checkpoint(one / "final.bin").model_state()
+    wb = load_checkpoint(two / "final.bin").model_state()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+    st = load_checkpoint(two / "state_8.bin")
+    assert st.json("world_size") == 2 and st.json("source")["global_batch"] == 4

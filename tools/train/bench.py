@@ -1,0 +1,95 @@
+"""`smedjan bench`: forward and training tokens/s of a preset, as in the performance table.
+
+    smedjan bench --size small
+    smedjan bench --size medium --compile --rounds 5
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from smedjan.cli import JsonOpt, log, make_app, progress, run_app, tool
+
+app = make_app()
+
+
+def format_table(rows: list[dict], cuda: bool) -> str:
+    """Markdown rows like the README / overview performance table."""
+    head = ["Preset", "Inference (fwd)", "Decode (1 tok)", "Train (fwd+bwd+step)"] + (["MFU (train)"] if cuda else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"{r['size']} · {r['params'] / 1e6:.3g}M", f"{r['forward_tok_s']:,.0f} tok/s",
+                 "— (inference issue)", f"{r['train_tok_s']:,.0f} tok/s"]
+        if cuda:
+            cells.append(f"{100 * r['mfu']:.1f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@app.command(help=(
+    "Measure forward (logits, no grad) and train (forward + backward + AdamW step, through the same "
+    "Trainer step `smedjan train` runs) tokens/s of a preset at --batch-size x --seq-len (default 4 x 128, "
+    "vocab 8192, random tokens). Reports the median of --rounds measurements of --steps steps each. "
+    "bench/train.py compares the same shapes against a plain PyTorch training loop."
+))
+@tool("bench")
+def bench(
+    size: Annotated[list[str], typer.Option("--size", help="Preset(s) to measure (repeatable).")] = ["small"],  # noqa: B006
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per step.")] = 4,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 128,
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary of the benchmarked model.")] = 8192,
+    steps: Annotated[int, typer.Option("--steps", help="Steps per measurement.")] = 10,
+    rounds: Annotated[int, typer.Option("--rounds", help="Measurements per number (the median is reported).")] = 3,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model first.")] = False,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, mps (default: cuda > mps > cpu).")] = None,
+    peak_flops: Annotated[float, typer.Option("--peak-flops", help="Peak FLOP/s for MFU on GPU (H100 bf16).")] = 989e12,
+    json: JsonOpt = False,
+) -> None:
+    import json as _json
+
+    import torch
+
+    from smedjan.device import pick_device
+    from smedjan.errors import UserError
+    from smedjan.model import PRESETS, ModelConfig
+    from smedjan.training.bench import SmedjanRunner, interleave, median
+
+    for s in size:
+        if s not in PRESETS:
+            raise UserError(f"--size {s!r} is not a preset ({', '.join(PRESETS)})")
+    if min(batch_size, seq_len, steps, rounds) < 1:
+        raise UserError("--batch-size, --seq-len, --steps and --rounds must be >= 1")
+    dev = pick_device(device)
+    amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rows = []
+    for s in size:
+        cfg = ModelConfig.preset(s, vocab_size, max_seq_len=seq_len)
+        log(f"{s}: {cfg.n_params():,} parameters, batch {batch_size} x {seq_len} on {dev}"
+            f"{' (bf16 autocast)' if amp else ''}{', compiled' if compile else ''}; threads {torch.get_num_threads()}")
+        runner = SmedjanRunner(cfg, batch_size, seq_len, dev, compile=compile, amp_dtype=amp)
+        with progress(f"bench {s}", total=rounds) as bar:
+            res = interleave({s: runner}, rounds=rounds, steps=steps, on_round=lambda r: bar.update(completed=r))
+        fwd, tr = median(res[s]["forward"]), median(res[s]["train"])
+        rows.append({"size": s, "params": cfg.n_params(), "batch_size": batch_size, "seq_len": seq_len,
+                     "device": str(dev), "compiled": compile, "forward_tok_s": fwd, "train_tok_s": tr,
+                     "mfu": tr * cfg.flops_per_token(seq_len) / peak_flops if dev.type == "cuda" else None,
+                     "train_rounds": res[s]["train"], "forward_rounds": res[s]["forward"]})
+        del runner
+    if json:
+        print(_json.dumps({"rows": rows}), flush=True)
+    else:
+        print(format_table(rows, dev.type == "cuda"))
+        print(f"\nbatch {batch_size}, sequence length {seq_len}, vocab {vocab_size}, {dev}"
+              f"{', compiled' if compile else ''}; median of {rounds} rounds of {steps} steps")
+
+
+def main() -> None:
+    run_app(app, "smedjan-bench")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`smedjan sizes`: exact parameter counts and training FLOPs per token of every preset.
+
+    smedjan sizes --vocab-size 8192
+    smedjan sizes --vocab-size 8192 --dim 1024 --layers 16 --heads 16 --ffn-mult 4 --kv-heads 4   # adds a custom row
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from smedjan.cli import JsonOpt, make_app, run_app, tool
+
+app = make_app()
+
+
+def _human(n: float) -> str:
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{suffix}"
+    return str(int(n))
+
+
+@app.command(help=(
+    "Print, for every preset (and a custom shape when --dim/--layers/--heads are given): width, depth, heads, "
+    "SwiGLU hidden size, exact parameter count (the tied embedding counted once), non-embedding parameters, "
+    "and training FLOPs per token at --seq-len (6 x matmul parameters including the output head, plus attention "
+    "12 x layers x dim x seq-len; forward + backward)."
+))
+@tool("sizes")
+def sizes(
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary size the counts are for.")] = 8192,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Sequence length for the attention FLOPs.")] = 256,
+    dim: Annotated[Optional[int], typer.Option("--dim", help="Custom row: model width.")] = None,
+    layers: Annotated[Optional[int], typer.Option("--layers", help="Custom row: blocks.")] = None,
+    heads: Annotated[Optional[int], typer.Option("--heads", help="Custom row: attention heads.")] = None,
+    ffn_mult: Annotated[float, typer.Option("--ffn-mult", help="Custom row: SwiGLU hidden / dim.")] = 8 / 3,
+    kv_heads: Annotated[int, typer.Option("--kv-heads", help="Custom row: key/value heads (0 = heads).")] = 0,
+    json: JsonOpt = False,
+) -> None:
+    import json as _json
+
+    from smedjan.errors import UserError
+    from smedjan.model import PRESETS, ModelConfig
+
+    if vocab_size < 1 or seq_len < 1:
+        raise UserError("--vocab-size and --seq-len must be positive")
+    cfgs = [ModelConfig.preset(name, vocab_size) for name in PRESETS]
+    custom = [v is not None for v in (dim, layers, heads)]
+    if any(custom):
+        if not all(custom):
+            raise UserError("a custom row needs --dim, --layers and --heads")
+        cfgs.append(ModelConfig.custom(vocab_size, dim=dim, n_layers=layers, n_heads=heads, ffn_mult=ffn_mult,
+                                       n_kv_heads=kv_heads))
+    rows = [{"size": c.preset, "dim": c.dim, "layers": c.n_layers, "heads": c.n_heads, "kv_heads": c.n_kv_heads,
+             "ffn_hidden": c.ffn_hidden, "params": c.n_params(), "non_embedding_params": c.n_params(embedding=False),
+             "train_flops_per_token": c.flops_per_token(seq_len)} for c in cfgs]
+    if json:
+        print(_json.dumps({"vocab_size": vocab_size, "seq_len": seq_len, "sizes": rows}), flush=True)
+        return
+    head = ["size", "dim", "layers", "heads", "kv", "ffn", "params", "non-embedding", "FLOPs/token"]
+    table = [[r["size"], r["dim"], r["layers"], r["heads"], r["kv_heads"], r["ffn_hidden"],
+              f"{r['params']:,} ({_human(r['params'])})", f"{r['non_embedding_params']:,}",
+              f"{r['train_flops_per_token']:.4g}"] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
+    print(f"vocab {vocab_size}, FLOPs at seq-len {seq_len} (forward + backward)")
+    for line in [head, *table]:
+        print("  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(line, widths))))
+
+
+def main() -> None:
+    run_app(app, "smedjan-sizes")
+
+
+if __name__ == "__main__":
+    main()
