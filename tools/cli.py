@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("smedjan_tools.serve.generate", "Generate text from a checkpoint, streamed to stdout."),
     "chat": ("smedjan_tools.serve.chat", "Chat with a checkpoint in the terminal."),
     "serve": ("smedjan_tools.serve.serve", "Serve a checkpoint over an OpenAI-compatible HTTP API, with a web chat page."),
+    "eval": ("smedjan_tools.eval.eval", "Evaluate a checkpoint: val loss/bpb, CORE tasks, HellaSwag, MMLU, long context."),
 }
 
 
