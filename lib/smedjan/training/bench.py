@@ -72,7 +72,7 @@ class SmedjanRunner:
         tcfg = TrainerConfig(tool="bench", steps=1 << 62, handle_signals=False, compile=compile, amp_dtype=amp_dtype)
         self.trainer = Trainer(self.model, opt, Schedule("wso", 1 << 62, 0), self.source, lm_loss, tcfg)
         self.amp_dtype = amp_dtype
-        self._fwd = torch.compile(self.model) if compile else self.model
+        self._fwd = torch.compile(self.model) if compile else self.model  # rope cache filled by the Trainer
         self.x = self.source.batches[0][0].to(self.device)
 
     def train(self, n: int) -> float:

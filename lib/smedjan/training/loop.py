@@ -159,6 +159,10 @@ class Trainer:
             self._ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             self.train_model = self._ddp
         if cfg.compile:
+            if hasattr(model, "rope"):
+                # Fill the Transformer's RoPE table cache now: traced while empty, the
+                # graph would guard on it and recompile on the second step.
+                model.rope(self.device)
             self.train_model = torch.compile(self.train_model)
         self.folder = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
         self.writes = self.folder is not None and self.dist.is_main

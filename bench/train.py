@@ -1,0 +1,113 @@
+"""smedjan's training step vs a plain, minimal PyTorch GPT loop (bench/_ref_gpt.py), same
+shapes, same parameter count, same process, alternating rounds.
+
+    python bench/train.py                       # small and medium, batch 4 x 128, eager
+    python bench/train.py --compile             # adds smedjan under torch.compile
+    python bench/train.py --size small --rounds 7 --steps 10 --json
+
+Each round times every loop back to back (forward, then train), so load from other
+processes hits them alike; the ratio reported is the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ref_gpt import RefGPT, make_optimizer, train_step  # noqa: E402
+
+from smedjan.model import ModelConfig  # noqa: E402
+from smedjan.training.bench import FixedBatches, SmedjanRunner, interleave, median, ratios  # noqa: E402
+
+
+class RefRunner:
+    def __init__(self, cfg: ModelConfig, batch_size: int, seq_len: int, device: torch.device, seed: int = 0):
+        assert cfg.n_kv_heads == cfg.n_heads and cfg.tie_embeddings
+        torch.manual_seed(seed)
+        self.device = device
+        self.model = RefGPT(cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.ffn_hidden, seq_len).to(device)
+        assert sum(p.numel() for p in self.model.parameters()) == cfg.n_params(), "reference must match in size"
+        self.opt = make_optimizer(self.model)
+        self.source = FixedBatches(cfg.vocab_size, batch_size, seq_len, seed=seed)
+        self.tokens_per_step = batch_size * seq_len
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train(self, n: int) -> float:
+        self._sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            x, y = self.source.next_batch()
+            train_step(self.model, self.opt, x.to(self.device), y.to(self.device))
+        self._sync()
+        return time.perf_counter() - t
+
+    def forward(self, n: int) -> float:
+        x = self.source.batches[0][0].to(self.device)
+        with torch.no_grad():
+            self._sync()
+            t = time.perf_counter()
+            for _ in range(n):
+                self.model(x)
+            self._sync()
+            return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", action="append", help="preset(s) (default: small and medium)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=8, help="steps per measurement")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (median reported)")
+    ap.add_argument("--compile", action="store_true", help="also time smedjan under torch.compile")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    device = torch.device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    report = []
+    for size in a.size or ["small", "medium"]:
+        cfg = ModelConfig.preset(size, a.vocab_size, max_seq_len=a.seq_len)
+        runners = {"plain": RefRunner(cfg, a.batch_size, a.seq_len, device),
+                   "smedjan": SmedjanRunner(cfg, a.batch_size, a.seq_len, device, amp_dtype=amp)}
+        if a.compile:
+            runners["smedjan --compile"] = SmedjanRunner(cfg, a.batch_size, a.seq_len, device, compile=True,
+                                                         amp_dtype=amp)
+        print(f"{size}: {cfg.n_params():,} parameters, batch {a.batch_size} x {a.seq_len}, {device}, "
+              f"threads {torch.get_num_threads()}; {a.rounds} rounds x {a.steps} steps", file=sys.stderr, flush=True)
+        res = interleave(runners, rounds=a.rounds, steps=a.steps,
+                         on_round=lambda r: print(f"  round {r}/{a.rounds}", file=sys.stderr, flush=True))
+        for name in runners:
+            row = {"size": size, "loop": name, "forward_tok_s": median(res[name]["forward"]),
+                   "train_tok_s": median(res[name]["train"])}
+            if name != "plain":
+                row["train_ratio"] = median(ratios(res, name, "plain", "train"))
+                row["forward_ratio"] = median(ratios(res, name, "plain", "forward"))
+                row["train_ratio_rounds"] = [round(r, 3) for r in ratios(res, name, "plain", "train")]
+            report.append(row)
+        del runners
+    if a.json:
+        print(json.dumps(report))
+        return
+    print("| preset | loop | forward tok/s | train tok/s | train vs plain | forward vs plain |")
+    print("|---|---|---|---|---|---|")
+    for r in report:
+        rt = f"{r['train_ratio']:.2f}x" if "train_ratio" in r else "1.00x"
+        rf = f"{r['forward_ratio']:.2f}x" if "forward_ratio" in r else "1.00x"
+        print(f"| {r['size']} | {r['loop']} | {r['forward_tok_s']:,.0f} | {r['train_tok_s']:,.0f} | {rt} | {rf} |")
+    print(f"\nbatch {a.batch_size} x seq {a.seq_len}, vocab {a.vocab_size}, {device}; ratios are medians of "
+          "per-round ratios (loops alternate within each round)")
+
+
+if __name__ == "__main__":
+    main()
