@@ -6,8 +6,10 @@ Decoding one token at a time on a CPU is dominated by per-op overhead and by how
 weights are read, so the runner keeps its own copy of the weights, re-laid out once:
 - Q, K and V are one matrix, and so are the FFN's gate and up projections (3 and 2
   matmuls become 1 each);
-- matrices are stored transposed ([in, out], row-major), which the BLAS reads
-  faster for a single activation row than `F.linear`'s [out, in];
+- on a CPU with AVX2 (float32), one-row products run on a small compiled kernel
+  (`smedjan.infer.cpu_kernel`) that streams each [out, in] weight row at memory
+  speed; elsewhere matrices are stored transposed ([in, out], row-major), which the
+  BLAS reads faster for a single activation row than `F.linear`'s [out, in];
 - each RMSNorm gain, the norm's sqrt(dim), and the attention scale 1/sqrt(head_dim)
   are folded into the matrix that follows, so a norm costs one `vector_norm` and a
   `rsqrt`, and attention needs no scaling.
@@ -34,11 +36,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from smedjan.infer import cpu_kernel
 from smedjan.model.model import KVCache, Transformer, attention_mask
 
 
 @dataclass
 class _Layer:
+    # Shapes as [in, out]; stored as [out, in] when the CPU kernel is used (see Runner.mm).
     wqkv: torch.Tensor  # [dim, (H + 2 Hkv) hd]: norm gain, sqrt(dim) and (for Q) 1/sqrt(hd) folded in
     wo: torch.Tensor  # [H hd, dim]
     w13: torch.Tensor  # [dim, 2 ffn]: gate | up, norm gain and sqrt(dim) folded in
@@ -58,25 +62,30 @@ class Runner:
         H, Hkv, hd, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
         self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, hd
         self.window = cfg.sliding_window
+        self.kernel = cpu_kernel.load() if self.device.type == "cpu" and self.dtype == torch.float32 else None
         # Fold in float64 (then round once) so folding adds no rounding of its own.
         f64 = torch.float64
 
         def put(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device=self.device, dtype=self.dtype).contiguous()
+            # detach(): never the model's Parameter object itself, which model.to()/.double() mutate
+            return t.detach().to(device=self.device, dtype=self.dtype).contiguous()
+
+        def mat(w: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
+            """A [out, in] weight (times a gain per input) in the layout `mm` expects."""
+            w = w.to(f64) if gain is None else w.to(f64) * gain.to(f64)[None, :] * math.sqrt(D)
+            return put(w if self.kernel is not None else w.T)
 
         with torch.no_grad():
-            root_d = math.sqrt(D)
             q_scale = 1.0 / math.sqrt(hd)
             self.layers: list[_Layer] = []
             for block in model.layers:
                 a, f = block.attention, block.feed_forward
-                g1 = block.attention_norm.weight.to(f64)[:, None] * root_d  # [dim, 1]
-                g2 = block.ffn_norm.weight.to(f64)[:, None] * root_d
-                wqkv = torch.cat([a.wq.weight.to(f64) * q_scale, a.wk.weight.to(f64), a.wv.weight.to(f64)]).T * g1
-                w13 = torch.cat([f.w1.weight.to(f64), f.w3.weight.to(f64)]).T * g2
-                self.layers.append(_Layer(put(wqkv), put(a.wo.weight.T), put(w13), put(f.w2.weight.T)))
+                wqkv = torch.cat([a.wq.weight.to(f64) * q_scale, a.wk.weight, a.wv.weight])
+                w13 = torch.cat([f.w1.weight, f.w3.weight])
+                self.layers.append(_Layer(mat(wqkv, block.attention_norm.weight), mat(a.wo.weight),
+                                          mat(w13, block.ffn_norm.weight), mat(f.w2.weight)))
             self.embedding = put(model.tok_embeddings.weight)
-            self.head = put(model.head_weight.to(f64).T * (model.norm.weight.to(f64)[:, None] * root_d))  # [dim, V]
+            self.head = mat(model.head_weight, model.norm.weight)
         # RMSNorm(x) @ W == (x * rsqrt(|x|^2 + dim * eps)) @ (sqrt(dim) * diag(g) W): only this sum remains.
         self.norm_eps = D * cfg.norm_eps
         self.ffn = cfg.ffn_hidden
@@ -84,8 +93,12 @@ class Runner:
         half = hd // 2
         # rotate_half(x) * sin == swap_halves(x) * [-sin, +sin]: a flip instead of slices and a cat.
         sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(sin)
-        self.cos, self.sin = cos, sin * sign
+        self.cos, self.sin = cos.contiguous(), (sin * sign).contiguous()
         self.max_len = cfg.max_seq_len
+        if self.kernel is not None:  # the C decode step reads these tensors through raw pointers
+            self._specs = [self.kernel.layer_spec(L.wqkv, L.wo, L.w13, L.w2, self.cos, self.sin, cfg, self.norm_eps)
+                           for L in self.layers]
+            self._scratch = torch.empty(self.kernel.scratch_size(cfg, cpu_kernel.MAX_ROWS))
 
     # ------------------------------------------------------------------ helpers
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
@@ -94,7 +107,9 @@ class Runner:
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         """x * rsqrt(|x|^2 + dim*eps): the part of RMSNorm not folded into the next matrix.
         Computed in at least float32 (bf16 sums of squares lose too much)."""
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        if x.dtype in (torch.float32, torch.float64):
+            return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(self.norm_eps).rsqrt_()
+        xf = x.float()
         r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().add_(self.norm_eps).rsqrt_()
         return (xf * r).to(x.dtype)
 
@@ -107,8 +122,16 @@ class Runner:
         out = x * cos.view(*cos.shape[:-1], 2, half) + x.flip(-2) * sin.view(*sin.shape[:-1], 2, half)
         return out.view(shape).to(qk.dtype)
 
+    def mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [..., in] times a stored weight: [..., out]."""
+        if self.kernel is None:
+            return x @ w
+        if x.dim() == 2 and x.shape[0] <= cpu_kernel.MAX_ROWS:
+            return self.kernel.gemv(w, x)
+        return F.linear(x, w)
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._norm(x) @ self.head
+        return self.mm(self._norm(x), self.head)
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, cache: KVCache, row: int, prompts: list[list[int]], start: int = 0) -> torch.Tensor:
@@ -133,7 +156,7 @@ class Runner:
         mask = attention_mask(T, start + T, start, self.window, self.device)
         x = self.embedding[ids]  # [n, T, dim]
         for i, L in enumerate(self.layers):
-            qkv = self._norm(x) @ L.wqkv  # [n, T, (H + 2 Hkv) hd]
+            qkv = self.mm(self._norm(x), L.wqkv)  # [n, T, (H + 2 Hkv) hd]
             qk = self._rope(qkv[..., :nqk].view(n, T, H + Hkv, hd), cos, sin)
             q = qk[:, :, :H].transpose(1, 2)  # [n, H, T, hd]
             k = qk[:, :, H:].transpose(1, 2)  # [n, Hkv, T, hd]
@@ -145,9 +168,9 @@ class Runner:
                 k, v = kc[:, :, :start + T], vc[:, :, :start + T]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                scale=1.0, enable_gqa=H != Hkv)
-            x = x + y.transpose(1, 2).reshape(n, T, H * hd) @ L.wo
-            g = self._norm(x) @ L.w13
-            x = x + (F.silu(g[..., :self.ffn]) * g[..., self.ffn:]) @ L.w2
+            x = x + self.mm(y.transpose(1, 2).reshape(n, T, H * hd), L.wo)
+            g = self.mm(self._norm(x), L.w13)
+            x = x + self.mm(F.silu(g[..., :self.ffn]) * g[..., self.ffn:], L.w2)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         return self._logits(x[torch.arange(n, device=self.device), last])
 
@@ -161,6 +184,13 @@ class Runner:
         top = max(lens)
         if top >= cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions, {top + 1} requested")
+        if self.kernel is not None and n <= cpu_kernel.MAX_ROWS:
+            # The whole step in C, one call per layer: no mask needed, each row attends to its own columns.
+            x = self.embedding[tokens.cpu()]  # [n, dim], a fresh tensor the layers update in place
+            pos = torch.tensor(lens, dtype=torch.int64)
+            for spec, k, v in zip(self._specs, cache.k, cache.v):
+                self.kernel.layer(spec, x, pos, k, v, self._scratch)
+            return self.kernel.head(x, self.norm_eps, self.head, self._scratch)
         same = min(lens) == top
         window = self.window
         if same:
@@ -181,7 +211,7 @@ class Runner:
             mask = keep[:, None, None, :]  # [n, 1, 1, S], broadcast over heads
         x = self.embedding[tokens.to(self.device)]  # [n, dim]
         for i, L in enumerate(self.layers):
-            qkv = self._norm(x) @ L.wqkv  # [n, (H + 2 Hkv) hd]
+            qkv = self.mm(self._norm(x), L.wqkv)  # [n, (H + 2 Hkv) hd]
             qk = self._rope(qkv[:, :nqk].view(n, H + Hkv, hd), cos, sin)
             v = qkv[:, nqk:].view(n, Hkv, hd)
             kc, vc = cache.k[i], cache.v[i]
@@ -193,7 +223,7 @@ class Runner:
                 vc[rows, :, cols] = v
             y = F.scaled_dot_product_attention(qk[:, :H, None], kc[:n, :, lo:top + 1], vc[:n, :, lo:top + 1],
                                                attn_mask=mask, scale=1.0, enable_gqa=H != Hkv)  # [n, H, 1, hd]
-            x = torch.addmm(x, y.view(n, H * hd), L.wo)
-            g = self._norm(x) @ L.w13
-            x = torch.addmm(x, F.silu(g[:, :self.ffn]) * g[:, self.ffn:], L.w2)
+            x = x + self.mm(y.view(n, H * hd), L.wo)
+            g = self.mm(self._norm(x), L.w13)
+            x = x + self.mm(F.silu(g[:, :self.ffn]) * g[:, self.ffn:], L.w2)
         return self._logits(x)
