@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sizes": ("smedjan_tools.train.sizes", "Print exact parameter counts and FLOPs/token of every preset."),
     "bench": ("smedjan_tools.train.bench", "Measure forward and training tokens/s of a preset."),
     "sft": ("smedjan_tools.post.sft", "Fine-tune a checkpoint on conversations (loss on assistant tokens)."),
+    "dpo": ("smedjan_tools.post.dpo", "Train a checkpoint on preference pairs with DPO (sigmoid, ipo, hinge, robust)."),
     "export-gguf": ("smedjan_tools.export.export_gguf", "Write a checkpoint (or HF Llama folder) as a GGUF for llama.cpp."),
     "import-hf": ("smedjan_tools.export.import_hf", "Import a Hugging Face Llama folder as a smedjan checkpoint."),
     "export-hf": ("smedjan_tools.export.export_hf", "Write a checkpoint as a Hugging Face LlamaForCausalLM folder."),
