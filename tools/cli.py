@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("smedjan_tools.post.dpo", "Train a checkpoint on preference pairs with DPO (sigmoid, ipo, hinge, robust)."),
     "distill": ("smedjan_tools.post.distill", "Distil a teacher's logits into a (smaller) student on a token file."),
     "merge": ("smedjan_tools.post.merge", "Average the weights of checkpoints of one model."),
+    "grow": ("smedjan_tools.post.grow", "Expand a trained model into a larger one computing the same function."),
     "export-gguf": ("smedjan_tools.export.export_gguf", "Write a checkpoint (or HF Llama folder) as a GGUF for llama.cpp."),
     "import-hf": ("smedjan_tools.export.import_hf", "Import a Hugging Face Llama folder as a smedjan checkpoint."),
     "export-hf": ("smedjan_tools.export.export_hf", "Write a checkpoint as a Hugging Face LlamaForCausalLM folder."),
