@@ -1,4 +1,4 @@
-"""`smedjan bench`: forward and training tokens/s of a preset, as in the performance table.
+"""`smedjan bench`: forward, decode and training tokens/s of a preset, as in the performance table.
 
     smedjan bench --size small
     smedjan bench --size medium --compile --rounds 5
@@ -21,7 +21,7 @@ def format_table(rows: list[dict], cuda: bool) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['size']} · {r['params'] / 1e6:.3g}M", f"{r['forward_tok_s']:,.0f} tok/s",
-                 "— (inference issue)", f"{r['train_tok_s']:,.0f} tok/s"]
+                 f"{r['decode_tok_s']:,.0f} tok/s", f"{r['train_tok_s']:,.0f} tok/s"]
         if cuda:
             cells.append(f"{100 * r['mfu']:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")
@@ -29,7 +29,8 @@ def format_table(rows: list[dict], cuda: bool) -> str:
 
 
 @app.command(help=(
-    "Measure forward (logits, no grad) and train (forward + backward + AdamW step, through the same "
+    "Measure forward (logits, no grad), decode (batch 1 with the KV cache, 16-token prompt + 128 new tokens, "
+    "as `smedjan generate` runs; best of --rounds) and train (forward + backward + AdamW step, through the same "
     "Trainer step `smedjan train` runs) tokens/s of a preset at --batch-size x --seq-len (default 4 x 128, "
     "vocab 8192, random tokens). Reports the median of --rounds measurements of --steps steps each. "
     "bench/train.py compares the same shapes against a plain PyTorch training loop."
@@ -53,6 +54,7 @@ def bench(
 
     from smedjan.device import pick_device
     from smedjan.errors import UserError
+    from smedjan.infer import decode_tokens_per_second
     from smedjan.model import PRESETS, ModelConfig
     from smedjan.training.bench import SmedjanRunner, interleave, median
 
@@ -74,8 +76,12 @@ def bench(
         with progress(f"bench {s}", total=rounds) as bar:
             res = interleave({s: runner}, rounds=rounds, steps=steps, on_round=lambda r: bar.update(completed=r))
         fwd, tr = median(res[s]["forward"]), median(res[s]["train"])
+        # decode: batch 1 with the KV cache, as `smedjan generate` runs (smedjan.infer; bench/decode.py
+        # compares it with llama.cpp)
+        decode = decode_tokens_per_second(runner.model, prompt_len=16, new_tokens=128, repeats=rounds, dtype=amp)
         rows.append({"size": s, "params": cfg.n_params(), "batch_size": batch_size, "seq_len": seq_len,
                      "device": str(dev), "compiled": compile, "forward_tok_s": fwd, "train_tok_s": tr,
+                     "decode_tok_s": decode,
                      "mfu": tr * cfg.flops_per_token(seq_len) / peak_flops if dev.type == "cuda" else None,
                      "train_rounds": res[s]["train"], "forward_rounds": res[s]["forward"]})
         del runner
@@ -84,7 +90,8 @@ def bench(
     else:
         print(format_table(rows, dev.type == "cuda"))
         print(f"\nbatch {batch_size}, sequence length {seq_len}, vocab {vocab_size}, {dev}"
-              f"{', compiled' if compile else ''}; median of {rounds} rounds of {steps} steps")
+              f"{', compiled' if compile else ''}; median of {rounds} rounds of {steps} steps; decode: batch 1, "
+              f"KV cache, 16-token prompt + 128 new tokens, best of {rounds}")
 
 
 def main() -> None:

@@ -277,10 +277,24 @@ def _common_prefix(a: Seq[int], b: Seq[int]) -> int:
 
 
 def decode_tokens_per_second(model, prompt_len: int = 16, new_tokens: int = 128, repeats: int = 3,
-                             engine: Engine | None = None) -> float:
+                             dtype: torch.dtype | None = None, engine: Engine | None = None) -> float:
     """Greedy decode speed at batch 1 with the KV cache, in tokens per second (best of
-    `repeats`; prefill excluded): what `smedjan bench` and bench/decode.py report."""
-    engine = engine or Engine(model, None, max_batch=1, context=prompt_len + new_tokens + 1)
+    `repeats`; prefill excluded): what `smedjan bench` and bench/decode.py report. A model
+    whose context is shorter than prompt + new tokens is measured on a copy with a longer
+    one (RoPE has no learned positions, so the weights are the same)."""
+    import dataclasses
+
+    from smedjan.model.model import Transformer
+
+    need = prompt_len + new_tokens + 1
+    if engine is None and model.cfg.max_seq_len < need:
+        cfg = dataclasses.replace(model.cfg, max_seq_len=need)
+        with torch.device("meta"):
+            longer = Transformer(cfg)
+        longer = longer.to_empty(device=model.tok_embeddings.weight.device)
+        longer.load_state_dict(model.state_dict())
+        model = longer.eval()
+    engine = engine or Engine(model, None, max_batch=1, context=need, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.cfg.vocab_size, (prompt_len,), generator=gen).tolist()
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
