@@ -75,7 +75,7 @@ def llama_decode(llm, prompt: list[int], n: int) -> tuple[float, list[int]]:
 
 
 def smedjan_decode(engine: Engine, prompt: list[int], n: int) -> tuple[float, list[int]]:
-    engine._cached = [[] for _ in range(engine.max_batch)]  # a full prefill every round, like llama.reset()
+    engine.forget_prefixes()  # a full prefill every round, like llama.reset()
     it = engine.stream(prompt, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
     out = next(it).token_ids
     t = time.perf_counter()

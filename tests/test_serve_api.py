@@ -261,6 +261,7 @@ def _post(server, path, content, **headers):
      "messages", "context_length_exceeded"),
     ("/v1/completions", {"model": MODEL, "prompt": "x" * 70000}, 413, None, "request_too_large"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "n": 3}, 400, "n", None),
+    ("/v1/completions", {"model": MODEL, "prompt": [1, 2, 999999]}, 400, "prompt", None),  # a token id out of range
 ])
 def test_bad_requests_get_a_4xx_with_an_openai_error_body(server, path, body, status, param, code):
     r = _post(server, path, body if isinstance(body, bytes) else json.dumps(body).encode())

@@ -1,0 +1,1 @@
+"""Inference tools: generate (text to stdout), chat (terminal), serve (OpenAI-compatible HTTP API + web page)."""

@@ -156,6 +156,10 @@ class Engine:
             s.length += 1
         return self._advance(seqs, logits)
 
+    def forget_prefixes(self) -> None:
+        """Drop what the cache rows remember, so the next prompt is prefilled in full (benchmarks)."""
+        self._cached = [[] for _ in range(self.max_batch)]
+
     def cancel(self, seq: Sequence) -> None:
         """Stop `seq` now and free its row (no-op if it already finished)."""
         if seq in self.active:
@@ -300,7 +304,7 @@ def decode_tokens_per_second(model, prompt_len: int = 16, new_tokens: int = 128,
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     best = 0.0
     for _ in range(repeats):
-        engine._cached = [[] for _ in range(engine.max_batch)]  # measure a full prefill every time
+        engine.forget_prefixes()  # a full prefill every time
         it = engine.stream(prompt, params)
         next(it)  # prefill and the first token
         t0 = time.perf_counter()

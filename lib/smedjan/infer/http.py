@@ -270,7 +270,8 @@ def _check_prompts(engine: Engine, prompts: list[list[int]], param: str) -> None
         try:
             engine.check_prompt(ids)
         except UserError as e:
-            raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
+            code = "context_length_exceeded" if len(ids) >= engine.context else None
+            raise APIError(400, str(e), param=param, code=code) from None
 
 
 def _params(body: _Body, limit: int | None, context: int) -> SamplingParams:
