@@ -76,3 +76,21 @@ def test_results_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(outs[0], outs[1])  # each output is one thread's dot product, in one order
+
+
+def test_batches_wider_than_the_kernel_use_pytorch_on_the_same_weights():
+    m = model(n_kv_heads=2)
+    runner = Runner(m)
+    rows = cpu_kernel.MAX_ROWS + 3  # 11: the step falls back to PyTorch, with per-row masks
+    idx = torch.randint(0, 97, (rows, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = copy.deepcopy(m).double()(idx).float()
+    lens = [3 + r % 5 for r in range(rows)]
+    cache = runner.new_cache(rows, 32)
+    with torch.inference_mode():
+        runner.prefill(cache, 0, [idx[r, :lens[r]].tolist() for r in range(rows)])
+        for step in range(3):
+            cols = [n + step for n in lens]
+            got = runner.decode(cache, torch.tensor([idx[r, c] for r, c in enumerate(cols)]), cols)
+            torch.testing.assert_close(got, torch.stack([full[r, c] for r, c in enumerate(cols)]), rtol=1e-4,
+                                       atol=1e-4)
