@@ -154,6 +154,8 @@ def test_dpo_raises_reward_accuracy_on_its_pairs(trained, trained_checkpoint, pa
 
     folder, summary = trained
     assert summary["reason"] == "done" and summary["pairs"] == N_PAIRS and summary["loss_type"] == "sigmoid"
+    # the summary's rewards: means over the last 10 steps' batches, from metrics.jsonl
+    assert summary["rewards/accuracies"] > 0.8 and summary["rewards/margins"] > 0.5
     ref, tp = scores(trained_checkpoint, pairs_file)
     after, _ = scores(folder / "dpo.bin", pairs_file)
     counts = reply_counts(tp)
@@ -214,3 +216,28 @@ def test_dpo_bad_input(case, trained_checkpoint, tokenizer, tmp_path, pairs_file
                   env=ENV1)
     assert_user_error(res, *needles)
     assert list(out.parent.iterdir()) == []
+
+
+def test_two_gloo_processes_equal_one_with_the_global_batch(trained_checkpoint, pairs_file, tmp_path):
+    """DDP: sharded batches, reference scoring and validation give one process's numbers."""
+    import os
+    import subprocess
+    import sys
+
+    flags = ["-c", trained_checkpoint, "--data", pairs_file, "--steps", "6", "--lr", "2e-3", "--warmup", "1",
+             "--val-fraction", "0.25", "--checkpoint-every", "3", "--json"]
+    res = smedjan("dpo", *flags, "--batch-size", "4", "--output", tmp_path / "one.bin", env=ENV1)
+    assert res.code == 0, res
+    env = {**os.environ, "SMEDJAN_PLAIN_PROGRESS": "1", **ENV1}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "smedjan_tools.cli", "dpo", *map(str, flags), "--batch-size", "2", "--output",
+                           tmp_path / "two.bin"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [two] = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    one = json.loads(res.out)
+    for k in ("loss", "val_loss", "val_rewards/margins", "rewards/margins"):
+        assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), k
+    rec = {p: [json.loads(x) for x in (tmp_path / f"{p}-checkpoints" / "metrics.jsonl").read_text().splitlines()]
+           for p in ("one", "two")}
+    assert [r["loss"] for r in rec["two"] if "loss" in r] == pytest.approx(
+        [r["loss"] for r in rec["one"] if "loss" in r], rel=1e-5)

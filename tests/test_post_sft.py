@@ -82,7 +82,7 @@ def run(tmp_path_factory, trained_checkpoint):
 def test_sft_lowers_assistant_loss(run, trained_checkpoint, tokenizer):
     folder, summary = run
     assert summary["reason"] == "done" and summary["steps"] == 24 and summary["batching"] == "padded"
-    assert summary["formats"] == ["alpaca"] and summary["conversations"] + summary["val_conversations"] == 1100
+    assert summary["formats"] == ["alpaca"] and summary["examples"] + summary["val_examples"] == 1100
     assert summary["val_loss"] < summary["val_loss_start"] - 0.5
     examples = train_examples(tokenizer)
     before, after = mean_assistant_loss(trained_checkpoint, examples), mean_assistant_loss(folder / "sft.bin", examples)
@@ -103,6 +103,27 @@ def test_sft_resume_repeats_the_run(run, trained_checkpoint, tmp_path):
     assert res.code == 0, res
     a, b = load_checkpoint(folder / "sft.bin").model_state(), load_checkpoint(tmp_path / "resumed.bin").model_state()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_example_batches_shard_shuffle_and_resume():
+    from smedjan.errors import UserError
+    from smedjan.post.batching import ShuffledBatches
+
+    def make(batch, rank=0, world=1, n=10, seed=3):
+        return ShuffledBatches(n, batch, seed, lambda idx: idx.tolist(), rank=rank, world_size=world,
+                               identity={"examples": "abc"})
+
+    one, r0, r1 = make(4), make(2, 0, 2), make(2, 1, 2)
+    batches = [one.next_batch() for _ in range(10)]  # 40 positions: 4 epochs of 10 examples
+    assert all(b == r0.next_batch() + r1.next_batch() for b in batches)  # two ranks = one with the global batch
+    flat = sum(batches, [])
+    assert all(sorted(flat[e * 10:(e + 1) * 10]) == list(range(10)) for e in range(4))  # each epoch once
+    assert flat[:10] != flat[10:20] and one.epochs == 4.0  # reshuffled per epoch
+    again = make(4)
+    again.load_state_dict(make(4).state_dict() | {"batch": 6})
+    assert [again.next_batch() for _ in range(4)] == batches[6:]
+    with pytest.raises(UserError, match="other data"):
+        make(4, n=11).load_state_dict(one.state_dict())
 
 
 def write(path, text):

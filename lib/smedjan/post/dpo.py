@@ -151,22 +151,28 @@ def collate(pairs: list[TokPair], idx, pad: int):
 
 @torch.no_grad()
 def pair_logps(model, pairs: list[TokPair], batch_size: int, device, amp=None, rank: int = 0,
-               world_size: int = 1, ctx=None) -> torch.Tensor:
+               world_size: int = 1, ctx=None, show: str | None = None) -> torch.Tensor:
     """float64 [N, 2] on the CPU: summed log-probs of each pair's chosen and rejected reply.
-    Under DDP each rank scores its share and `ctx` sums them."""
+    Under DDP each rank scores its share and `ctx` sums them. `show`: a progress label."""
+    from smedjan.cli import progress
+
     was_training = model.training
     model.eval()
     out = torch.zeros(len(pairs), 2, dtype=torch.float64, device=device)
     mine = [i for i in range(len(pairs)) if i % world_size == rank]
     ac = torch.autocast(device.type, amp) if amp else contextlib.nullcontext()
+    bar_cm = progress(show, total=len(mine)) if show and rank == 0 else contextlib.nullcontext()
     try:
-        for s in range(0, len(mine), batch_size):
-            idx = mine[s:s + batch_size]
-            x, y, _, _, _ = collate(pairs, idx, 0)
-            with ac:
-                lp = sequence_logps(model(x.to(device)), y.to(device)).double()
-            B = len(idx)
-            out[idx, 0], out[idx, 1] = lp[:B], lp[B:]
+        with bar_cm as bar:
+            for s in range(0, len(mine), batch_size):
+                idx = mine[s:s + batch_size]
+                x, y, _, _, _ = collate(pairs, idx, 0)
+                with ac:
+                    lp = sequence_logps(model(x.to(device)), y.to(device)).double()
+                B = len(idx)
+                out[idx, 0], out[idx, 1] = lp[:B], lp[B:]
+                if bar is not None:
+                    bar.advance(B)
     finally:
         model.train(was_training)
     if ctx is not None:
@@ -253,6 +259,19 @@ def make_evaluator(pairs: list[TokPair], ref: torch.Tensor, batch_size: int, ctx
     return evaluate
 
 
+def recent_rewards(metrics_path, step: int, last: int = 10) -> dict:
+    """Means of the reward metrics over the training batches of the run's last `last` steps
+    (from metrics.jsonl), for the summary."""
+    from smedjan.training.files import read_metrics
+
+    try:
+        recs = [r for r in read_metrics(metrics_path) if "rewards/accuracies" in r and step - last < r["step"] <= step]
+    except (OSError, ValueError):
+        return {}
+    keys = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+    return {k: sum(r[k] for r in recs) / len(recs) for k in keys if recs and all(r.get(k) is not None for r in recs)}
+
+
 # ------------------------------------------------------------------------------- the run
 @dataclass
 class DpoArgs(PostArgs):
@@ -324,8 +343,11 @@ def run(a: DpoArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]
     if ctx.is_main:
         log(f"scoring {len(train) + len(val):,} pairs with the reference model "
             f"({a.ref_checkpoint or a.checkpoint})")
-    ref_train = pair_logps(ref_model, train, a.batch_size, device, amp, ctx.rank, ctx.world_size, ctx)
-    ref_val = pair_logps(ref_model, val, a.batch_size, device, amp, ctx.rank, ctx.world_size, ctx) if val else None
+    ref_train = pair_logps(ref_model, train, a.batch_size, device, amp, ctx.rank, ctx.world_size, ctx,
+                           show="reference log-probs")
+    ref_val = None
+    if val:
+        ref_val = pair_logps(ref_model, val, a.batch_size, device, amp, ctx.rank, ctx.world_size, ctx)
     if ref_ck is not None:
         del ref_model
         model = model_from_checkpoint(ck, device)
@@ -346,6 +368,8 @@ def run(a: DpoArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]
                             run_config={"max_len": max_len, "max_prompt_len": max_prompt_len},
                             flops_per_token=cfg.flops_per_token(max_len), fault_steps=fault_steps)
     summary = base_summary(result, a)
+    if ctx.is_main:
+        summary.update(recent_rewards(ckpt_dir / "metrics.jsonl", result.step))
     summary.update({"epochs": round(source.epochs, 3), "pairs": len(train), "val_pairs": len(val),
                     "skipped": dict(report.skipped), "truncated": report.truncated, "loss_type": a.loss,
                     "beta": a.beta, "batching": "padded",

@@ -198,7 +198,7 @@ def run(a: SftArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]
     summary = base_summary(result, a)
     if val_start is not None:
         summary["val_loss_start"] = val_start
-    summary.update({"epochs": round(source.epochs, 3), "conversations": len(train), "val_conversations": len(val),
+    summary.update({"epochs": round(source.epochs, 3), "examples": len(train), "val_examples": len(val),
                     "skipped": dict(report.skipped), "truncated": report.truncated, "batching": "padded",
                     "formats": sorted(set(report.formats.values())), "rank": ctx.rank})
     return summary, result
