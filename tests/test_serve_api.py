@@ -93,12 +93,13 @@ def long_context_copy(checkpoint: Path, out: Path, max_seq_len: int) -> Path:
 # ------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def long_checkpoint(trained_checkpoint, tmp_path_factory) -> Path:
-    return long_context_copy(trained_checkpoint, tmp_path_factory.mktemp("serve") / "micro.bin", 4096)
+    # a long context, so that a request can run for seconds: the disconnect tests need one to cut short
+    return long_context_copy(trained_checkpoint, tmp_path_factory.mktemp("serve") / "micro.bin", 16384)
 
 
 @pytest.fixture(scope="module")
 def server(long_checkpoint):
-    srv = Server(long_checkpoint, "--api-key", API_KEY, "--max-body", "65536", "--max-batch", "8")
+    srv = Server(long_checkpoint, "--api-key", API_KEY, "--max-body", "262144", "--max-batch", "8")
     yield srv
     srv.close()
 
@@ -212,7 +213,7 @@ def test_eight_concurrent_clients_each_get_their_own_answer(client, engine):
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client):
     before = server.health()["cancelled"]
-    body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 4000, "stream": True}
+    body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 16000, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body,
                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as r:
         lines = r.iter_lines()
@@ -225,6 +226,19 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client):
     assert h["cancelled"] == before + 1 and h["queued"] == 0
     r = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=5, temperature=0)
     assert r.usage.completion_tokens == 5
+
+
+def test_a_waiting_client_that_gives_up_frees_its_slot_too(server):
+    before = server.health()["cancelled"]
+    body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 16000}  # not streamed: nothing to send until the end
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                   timeout=httpx.Timeout(60, read=0.5))
+    deadline = time.monotonic() + 60
+    while (h := server.health())["active"] or h["cancelled"] == before:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    assert h["cancelled"] == before + 1
 
 
 # ---------------------------------------------------------------- auth, errors
@@ -256,10 +270,10 @@ def _post(server, path, content, **headers):
      "messages.0.role", None),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "temperature": "hot"}, 400, "temperature", None),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages", None),
-    ("/v1/completions", {"model": MODEL, "prompt": "word " * 5000}, 400, "prompt", "context_length_exceeded"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 5000}]}, 400,
+    ("/v1/completions", {"model": MODEL, "prompt": "word " * 20000}, 400, "prompt", "context_length_exceeded"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 20000}]}, 400,
      "messages", "context_length_exceeded"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x" * 70000}, 413, None, "request_too_large"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * 300000}, 413, None, "request_too_large"),
     ("/v1/chat/completions", {"model": MODEL, "messages": USER, "n": 3}, 400, "n", None),
     ("/v1/completions", {"model": MODEL, "prompt": [1, 2, 999999]}, 400, "prompt", None),  # a token id out of range
 ])
@@ -273,7 +287,7 @@ def test_bad_requests_get_a_4xx_with_an_openai_error_body(server, path, body, st
 
 def test_a_chunked_body_over_the_limit_is_refused_too(server):
     def chunks():  # no Content-Length: the server must count while reading
-        for _ in range(20):
+        for _ in range(70):
             yield b" " * 4096
         yield b"{}"
 

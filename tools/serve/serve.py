@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from smedjan.cli import log, make_app, run_app, tool
+from smedjan.cli import log, make_app, run_app, tool, warn
 from smedjan_tools.serve.common import CheckpointOpt, DeviceOpt, DtypeOpt, ThreadsOpt, load_engine
 
 app = make_app()
@@ -77,6 +77,8 @@ def serve(
     from smedjan.infer.http import create_app
 
     sock = _listen(host, port)  # before the model loads: a taken port fails fast, with exit 2
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        warn(f"--host {host} exposes the model beyond this machine without --api-key")
     model, tok, engine = load_engine(checkpoint, device, dtype, threads, max_batch, context)
     name = model_name or checkpoint.name
     web = create_app(engine, tok, name, api_key=api_key, max_body=max_body, index_html=INDEX_HTML,

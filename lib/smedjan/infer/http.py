@@ -316,15 +316,20 @@ async def _serve(request: HTTPRequest, worker: Worker, engine: Engine, prompts: 
         return {"prompt_tokens": n_prompt, "completion_tokens": sum(done), "total_tokens": n_prompt + sum(done)}
 
     async def events():
-        """(index, Delta) items until every request finished; cancels the rest if closed early."""
+        """(index, Delta) items until every request finished; cancels the rest if closed early
+        or when the client is gone (checked every DISCONNECT_POLL_S, busy or not: a waiting
+        non-streaming client has no other way to tell us)."""
         left = len(reqs)
+        checked = loop.time()
         try:
             while left:
+                if loop.time() - checked >= DISCONNECT_POLL_S:
+                    checked = loop.time()
+                    if await request.is_disconnected():
+                        return
                 try:
                     index, item = await asyncio.wait_for(inbox.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
                     continue
                 if isinstance(item, Exception):
                     raise item
