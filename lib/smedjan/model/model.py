@@ -33,10 +33,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in at least float32 (bf16 sums of squares lose too much), return the input dtype.
+        # F.rms_norm computes x * rsqrt(mean(x^2) + eps) * weight as one fused kernel (CPU
+        # and CUDA) instead of five elementwise passes, with the same result.
         dt = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(dt)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.to(dt)).type_as(x)
+        return F.rms_norm(x.to(dt), (x.shape[-1],), self.weight.to(dt), self.eps).type_as(x)
 
 
 def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
