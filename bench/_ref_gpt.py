@@ -6,7 +6,7 @@ full float32 logits. Same shapes and parameter count as smedjan's model at a pre
 
     model = RefGPT(vocab_size=8192, dim=256, n_layers=6, n_heads=4, ffn_hidden=768)
     opt = make_optimizer(model)
-    loss = train_step(model, opt, x, y)      # x, y: int64 [B, T]
+    loss = train_step(model, opt, model(x, y))      # x, y: int64 [B, T]
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def make_optimizer(model: nn.Module, lr: float = 3e-4) -> torch.optim.Optimizer:
                              lr=lr, betas=(0.9, 0.95), eps=1e-5)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x, y) -> float:
-    loss = model(x, y)
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """Backward of `loss` (= model(x, y), computed by the caller, under autocast on GPU), clip, step."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

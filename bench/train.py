@@ -12,6 +12,7 @@ processes hits them alike; the ratio reported is the median of the per-round rat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -27,15 +28,22 @@ from smedjan.training.bench import FixedBatches, SmedjanRunner, interleave, medi
 
 
 class RefRunner:
-    def __init__(self, cfg: ModelConfig, batch_size: int, seq_len: int, device: torch.device, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, batch_size: int, seq_len: int, device: torch.device, seed: int = 0,
+                 amp_dtype: torch.dtype | None = None):
         assert cfg.n_kv_heads == cfg.n_heads and cfg.tie_embeddings
         torch.manual_seed(seed)
-        self.device = device
+        self.device, self.amp_dtype = device, amp_dtype
         self.model = RefGPT(cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.ffn_hidden, seq_len).to(device)
         assert sum(p.numel() for p in self.model.parameters()) == cfg.n_params(), "reference must match in size"
         self.opt = make_optimizer(self.model)
         self.source = FixedBatches(cfg.vocab_size, batch_size, seq_len, seed=seed)
         self.tokens_per_step = batch_size * seq_len
+
+    def _autocast(self):
+        # On GPU both loops run under the same bf16 autocast, so the ratio compares loops, not precisions.
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, self.amp_dtype)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -46,13 +54,15 @@ class RefRunner:
         t = time.perf_counter()
         for _ in range(n):
             x, y = self.source.next_batch()
-            train_step(self.model, self.opt, x.to(self.device), y.to(self.device))
+            with self._autocast():
+                loss = self.model(x.to(self.device), y.to(self.device))
+            train_step(self.model, self.opt, loss)
         self._sync()
         return time.perf_counter() - t
 
     def forward(self, n: int) -> float:
         x = self.source.batches[0][0].to(self.device)
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             self._sync()
             t = time.perf_counter()
             for _ in range(n):
@@ -71,19 +81,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (median reported)")
     ap.add_argument("--compile", action="store_true", help="also time smedjan under torch.compile")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for every loop on CPU too (always on CUDA)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     device = torch.device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    amp = torch.bfloat16 if device.type == "cuda" or a.bf16 else None
     report = []
     for size in a.size or ["small", "medium"]:
         cfg = ModelConfig.preset(size, a.vocab_size, max_seq_len=a.seq_len)
-        runners = {"plain": RefRunner(cfg, a.batch_size, a.seq_len, device),
+        runners = {"plain": RefRunner(cfg, a.batch_size, a.seq_len, device, amp_dtype=amp),
                    "smedjan": SmedjanRunner(cfg, a.batch_size, a.seq_len, device, amp_dtype=amp)}
         if a.compile:
             runners["smedjan --compile"] = SmedjanRunner(cfg, a.batch_size, a.seq_len, device, compile=True,
                                                          amp_dtype=amp)
-        print(f"{size}: {cfg.n_params():,} parameters, batch {a.batch_size} x {a.seq_len}, {device}, "
+        print(f"{size}: {cfg.n_params():,} parameters, batch {a.batch_size} x {a.seq_len}, {device}"
+              f"{' bf16 autocast' if amp else ' fp32'}, "
               f"threads {torch.get_num_threads()}; {a.rounds} rounds x {a.steps} steps", file=sys.stderr, flush=True)
         res = interleave(runners, rounds=a.rounds, steps=a.steps,
                          on_round=lambda r: print(f"  round {r}/{a.rounds}", file=sys.stderr, flush=True))
@@ -105,7 +117,8 @@ def main() -> None:
         rt = f"{r['train_ratio']:.2f}x" if "train_ratio" in r else "1.00x"
         rf = f"{r['forward_ratio']:.2f}x" if "forward_ratio" in r else "1.00x"
         print(f"| {r['size']} | {r['loop']} | {r['forward_tok_s']:,.0f} | {r['train_tok_s']:,.0f} | {rt} | {rf} |")
-    print(f"\nbatch {a.batch_size} x seq {a.seq_len}, vocab {a.vocab_size}, {device}; ratios are medians of "
+    print(f"\nbatch {a.batch_size} x seq {a.seq_len}, vocab {a.vocab_size}, {device}"
+          f"{', bf16 autocast' if amp else ', fp32'}, threads {torch.get_num_threads()}; ratios are medians of "
           "per-round ratios (loops alternate within each round)")
 
 

@@ -44,6 +44,8 @@ def bench(
     steps: Annotated[int, typer.Option("--steps", help="Steps per measurement.")] = 10,
     rounds: Annotated[int, typer.Option("--rounds", help="Measurements per number (the median is reported).")] = 3,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model first.")] = False,
+    precision: Annotated[str, typer.Option(
+        "--precision", help="auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16 (autocast, CPU too).")] = "auto",
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, mps (default: cuda > mps > cpu).")] = None,
     peak_flops: Annotated[float, typer.Option("--peak-flops", help="Peak FLOP/s for MFU on GPU (H100 bf16).")] = 989e12,
     json: JsonOpt = False,
@@ -64,9 +66,13 @@ def bench(
     if min(batch_size, seq_len, steps, rounds) < 1:
         raise UserError("--batch-size, --seq-len, --steps and --rounds must be >= 1")
     dev = pick_device(device)
-    amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"--precision {precision!r} is not auto, fp32 or bf16")
+    amp = None
+    if precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported()):
+        amp = torch.bfloat16
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32
     rows = []
     for s in size:
         cfg = ModelConfig.preset(s, vocab_size, max_seq_len=seq_len)
@@ -80,7 +86,7 @@ def bench(
         # compares it with llama.cpp)
         decode = decode_tokens_per_second(runner.model, prompt_len=16, new_tokens=128, repeats=rounds, dtype=amp)
         rows.append({"size": s, "params": cfg.n_params(), "batch_size": batch_size, "seq_len": seq_len,
-                     "device": str(dev), "compiled": compile, "forward_tok_s": fwd, "train_tok_s": tr,
+                     "device": str(dev), "compiled": compile, "precision": "bf16" if amp else "fp32", "forward_tok_s": fwd, "train_tok_s": tr,
                      "decode_tok_s": decode,
                      "mfu": tr * cfg.flops_per_token(seq_len) / peak_flops if dev.type == "cuda" else None,
                      "train_rounds": res[s]["train"], "forward_rounds": res[s]["forward"]})
@@ -89,8 +95,9 @@ def bench(
         print(_json.dumps({"rows": rows}), flush=True)
     else:
         print(format_table(rows, dev.type == "cuda"))
-        print(f"\nbatch {batch_size}, sequence length {seq_len}, vocab {vocab_size}, {dev}"
-              f"{', compiled' if compile else ''}; median of {rounds} rounds of {steps} steps; decode: batch 1, "
+        print(f"\nbatch {batch_size}, sequence length {seq_len}, vocab {vocab_size}, {dev}, "
+              f"{'bf16 autocast' if amp else 'fp32'}{', compiled' if compile else ''}, threads "
+              f"{torch.get_num_threads()}; median of {rounds} rounds of {steps} steps; decode: batch 1, "
               f"KV cache, 16-token prompt + 128 new tokens, best of {rounds}")
 
 
