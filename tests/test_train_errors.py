@@ -178,3 +178,41 @@ def test_a_good_run_after_all_that_still_works(made, tmp_path):
     res = run(*args(made, "--checkpoint-dir", out, "--resume", made["state"], "--steps", "6"))
     assert res.code == 0, res
     assert (out / "final.bin").exists() and (out / "state_6.bin").exists()
+
+
+def test_wandb_run_needs_wandb_and_dummy_disables_it(made, tmp_path):
+    import importlib.util
+
+    out = tmp_path / "ck"
+    if importlib.util.find_spec("wandb") is None:
+        assert_refused(run(*args(made, "--checkpoint-dir", out, "--run", "myrun")), out, "needs the wandb package")
+    res = run(*args(made, "--checkpoint-dir", out, "--run", "dummy"))
+    assert res.code == 0, res
+
+
+def test_architecture_flags_reach_the_model(made, tmp_path):
+    """--kv-heads, --sliding-window, --rope-theta, --untied on a new model; --yarn-scale on --init."""
+    out = tmp_path / "ck"
+    res = run("--dataset", made["train"], "--tokenizer", made["tok"], "--size", "custom", "--dim", "32", "--layers", "1",
+              "--heads", "4", "--kv-heads", "2", "--sliding-window", "8", "--rope-theta", "500", "--untied",
+              "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--checkpoint-dir", out)
+    assert res.code == 0, res
+    cfg = load_checkpoint(out / "final.bin").config
+    assert (cfg.n_kv_heads, cfg.sliding_window, cfg.rope_theta, cfg.tie_embeddings, cfg.max_seq_len) == (2, 8, 500.0,
+                                                                                                         False, 16)
+    out2 = tmp_path / "ck2"
+    res = run("--dataset", made["train"], "--tokenizer", made["tok"], "--init", made["final"], "--yarn-scale", "2",
+              "--batch-size", "2", "--seq-len", "64", "--steps", "1", "--checkpoint-dir", out2)
+    assert res.code == 0, res
+    cfg = load_checkpoint(out2 / "final.bin").config
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_max_seq_len, cfg.max_seq_len) == ("yarn", 2.0, 32, 64)
+
+
+def test_resume_with_another_batch_or_dataset_is_refused(made, tmp_path):
+    out = tmp_path / "ck"
+    a = ["--dataset", made["train"], "--tokenizer", made["tok"], "--resume", made["state"], "--steps", "8",
+         "--checkpoint-dir", out]
+    assert_refused(run(*a, "--batch-size", "8", "--seq-len", "32"), out, "global batch")
+    other = token_file(tmp_path / "other.bin", made["tokenizer"], 5000)
+    a[1] = other
+    assert_refused(run(*a, "--batch-size", "4", "--seq-len", "32"), out, "another dataset")

@@ -89,3 +89,21 @@ def test_every_schedule_stays_in_bounds_and_decays_monotonically(kind, total, wa
     decays = kind == "cosine" or (kind in ("wsd", "trapezoid") and round(wd * total) >= 1)
     if decays and total > warm:
         assert vals[-1] == pytest.approx(m)  # the last update runs at exactly the floor
+
+
+def test_horizon_precedence_and_formulas():
+    from smedjan.model import ModelConfig
+    from smedjan.training.pretrain import DEFAULT_STEPS, TrainArgs, resolve_horizon
+
+    cfg = ModelConfig.preset("small", 8192)
+    tps = 32 * 256
+    a = TrainArgs(dataset="d", tokenizer="t", seq_len=256)
+    assert resolve_horizon(a, cfg, tps) == (DEFAULT_STEPS, "default")
+    a.target_param_data_ratio = 20  # Chinchilla: 20 tokens per parameter
+    steps, how = resolve_horizon(a, cfg, tps)
+    assert steps == math.ceil(20 * 7_212_288 / tps) and "ratio" in how
+    a.target_flops = 1e15  # takes precedence over the ratio
+    steps, how = resolve_horizon(a, cfg, tps)
+    assert steps == round(1e15 / (cfg.flops_per_token(256) * tps)) and "flops" in how
+    a.steps = 7  # and --steps over both
+    assert resolve_horizon(a, cfg, tps) == (7, "--steps")
