@@ -4,6 +4,7 @@ history, /reset, Ctrl-C to stop a reply, Ctrl-C twice and Ctrl-D to quit."""
 from __future__ import annotations
 
 import os
+import platform
 import pty
 import re
 import select
@@ -53,12 +54,30 @@ class Terminal:
         os.write(self.fd, keys.encode())
 
     def ctrl_c_at_prompt(self) -> None:
-        """Ctrl-C once the line editor is surely reading: a key typed first must echo.
-        (A SIGINT that lands between the prompt's write and readline's wait for input
-        is only noticed at the next key press: a race in CPython, not in the chat.)"""
+        """Ctrl-C once the line editor is surely waiting for a key. CPython's readline loop
+        notices SIGINT only while blocked in select(): one that lands just before (the
+        prompt written, select not yet entered) waits for the next key press. No person
+        is that fast; a test is, so it types a key, sees its echo, and waits until the
+        chat's main thread sleeps in its input system call."""
         self.type("x")
         self.expect("x")
+        deadline = time.monotonic() + 30
+        while not self._waiting_for_input() and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.type("\x03")
+
+    def _waiting_for_input(self) -> bool:
+        # /proc/PID/syscall: the system call the main thread is blocked in (Linux only)
+        waits = {"x86_64": {"0", "7", "23", "270", "271"}, "aarch64": {"63", "72", "73"}}.get(platform.machine())
+        try:
+            with open(f"/proc/{self.pid}/syscall") as f:
+                call = f.read().split()[0]
+        except (OSError, IndexError):
+            waits = None
+        if waits is None:  # cannot tell: give it a moment
+            time.sleep(0.5)
+            return True
+        return call in waits
 
     def say(self, text: str) -> str:
         """Send a line and return what appears before the next prompt (the reply and notes)."""
