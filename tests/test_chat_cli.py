@@ -47,7 +47,7 @@ class Terminal:
                 except OSError:  # the child exited and the pty closed
                     data = b""
                 if not data:
-                    assert False, f"the chat exited while waiting for {pattern!r}; screen:\n{self.buf}"
+                    raise AssertionError(f"the chat exited while waiting for {pattern!r}; screen:\n{self.buf}")
                 self.buf += data.decode("utf-8", errors="replace").replace("\r\n", "\n")
 
     def type(self, keys: str) -> None:

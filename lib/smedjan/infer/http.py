@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smedjan.chat import render
 from smedjan.errors import UserError
-from smedjan.infer.engine import Delta, Engine
+from smedjan.infer.engine import Engine
 from smedjan.infer.sampling import MAX_STOP_STRINGS, SamplingParams
 from smedjan.infer.worker import QueueFull, Request, Worker
 

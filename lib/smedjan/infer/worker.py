@@ -19,6 +19,7 @@ queued request is dropped at once, a running one loses its row before the next s
 from __future__ import annotations
 
 import collections
+import functools
 import sys
 import threading
 import traceback
@@ -117,7 +118,7 @@ class Worker:
                 for req in admit:
                     self._running[req.seq.id] = req
             if admit:
-                self._run(lambda: engine.add([r.seq for r in admit]), admit)
+                self._run(functools.partial(engine.add, [r.seq for r in admit]), admit)
             if engine.active:
                 self._run(engine.step, [self._running[s.id] for s in engine.active if s.id in self._running])
         # shutting down: whoever is still waiting gets an error rather than silence
