@@ -88,6 +88,7 @@ def test_serve_refuses_a_taken_port_and_bad_flags(trained_checkpoint):
         assert_user_error(smedjan("serve", "-c", trained_checkpoint, "--port", port), "cannot listen")
     assert_user_error(smedjan("serve", "-c", trained_checkpoint, "--max-batch", "0"), "--max-batch")
     assert_user_error(smedjan("serve", "-c", trained_checkpoint, "--max-body", "10"), "--max-body")
+    assert_user_error(smedjan("serve", "-c", trained_checkpoint, "--port", "0", "--context", "100000"), "--context")
 
 
 @pytest.mark.parametrize("name,flags", [

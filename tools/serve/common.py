@@ -69,6 +69,8 @@ def load_engine(checkpoint: Path, device: str | None, dtype: str, threads: int |
     dev = pick_device(device)
     dt = resolve_dtype(dtype, dev)
     model, tok, _ = load_model(checkpoint, device=dev, dtype=dt)
+    if context is not None and context > model.cfg.max_seq_len:
+        raise UserError(f"--context {context} is longer than the model's context of {model.cfg.max_seq_len} tokens")
     if not tok.has_chat_tokens:
         raise UserError(f"{checkpoint}: its tokenizer has no chat special tokens")
     return model, tok, Engine(model, tok, max_batch=max_batch, context=context)
