@@ -15,21 +15,28 @@ from smedjan.formats.checkpoint import Checkpoint, load_checkpoint
 from smedjan.model.model import Transformer
 
 
-def model_from_checkpoint(ck: Checkpoint, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
-    """The Transformer of `ck`'s config with its weights; names any missing or extra tensor."""
-    cfg = ck.config
+def checked_model_state(ck: Checkpoint) -> dict[str, torch.Tensor]:
+    """`ck`'s model tensors after checking names and shapes against its config (on the
+    meta device: nothing is allocated); names any missing, extra or misshapen tensor."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        want = {k: tuple(v.shape) for k, v in Transformer(ck.config).state_dict().items()}
     state = ck.model_state()
-    expected = set(model.state_dict())
-    missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing or extra:
         what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
         raise UserError(f"{ck.path}: {what} for its model config")
-    for name, t in model.state_dict().items():
-        if tuple(state[name].shape) != tuple(t.shape):
+    for name, shape in want.items():
+        if tuple(state[name].shape) != shape:
             raise UserError(f"{ck.path}: tensor {name!r} has shape {tuple(state[name].shape)}, "
-                            f"the config needs {tuple(t.shape)}")
+                            f"the config needs {shape}")
+    return state
+
+
+def model_from_checkpoint(ck: Checkpoint, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """The Transformer of `ck`'s config with its weights (see `checked_model_state`)."""
+    state = checked_model_state(ck)
+    with torch.device("meta"):
+        model = Transformer(ck.config)
     model = model.to_empty(device=device)
     model.load_state_dict(state, strict=True)
     if dtype is not None:

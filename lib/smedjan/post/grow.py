@@ -198,7 +198,7 @@ def grow_checkpoint(path: str, output: str, *, size: str | None = None, dim: int
     from smedjan.formats import constants as C
     from smedjan.formats.checkpoint import load_checkpoint, save_checkpoint
     from smedjan.io import check_output_path
-    from smedjan.post.run import checked_model_state
+    from smedjan.model.load import checked_model_state
 
     check_output_path(output)
     ck = load_checkpoint(path)

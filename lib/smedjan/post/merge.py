@@ -49,7 +49,7 @@ def merge_checkpoints(paths: list[str], output: str, weights: list[float] | None
     from smedjan.formats import constants as C
     from smedjan.formats.checkpoint import TOKENIZER_TENSOR, load_checkpoint, save_checkpoint
     from smedjan.io import check_output_path
-    from smedjan.post.run import checked_model_state
+    from smedjan.model.load import checked_model_state
 
     if len(paths) < 2:
         raise UserError(f"merge needs at least two checkpoints, got {len(paths)}")

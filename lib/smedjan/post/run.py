@@ -120,24 +120,6 @@ def load_chat_model_checkpoint(path: str):
     return ck, tok
 
 
-def checked_model_state(ck) -> dict[str, torch.Tensor]:
-    """`ck`'s model tensors, after checking their names and shapes against its config
-    (on the meta device: nothing is allocated)."""
-    from smedjan.model import Transformer
-
-    with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in Transformer(ck.config).state_dict().items()}
-    state = ck.model_state()
-    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    if missing or extra:
-        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
-        raise UserError(f"{ck.path}: {what} for its model config")
-    for k, shape in want.items():
-        if tuple(state[k].shape) != shape:
-            raise UserError(f"{ck.path}: tensor {k!r} has shape {tuple(state[k].shape)}, the config needs {shape}")
-    return state
-
-
 def setup_device(a: PostArgs):
     """(DistContext, device, autocast dtype or None) from --device and --precision."""
     from smedjan.device import pick_device
