@@ -216,3 +216,12 @@ def test_resume_with_another_batch_or_dataset_is_refused(made, tmp_path):
     other = token_file(tmp_path / "other.bin", made["tokenizer"], 5000)
     a[1] = other
     assert_refused(run(*a, "--batch-size", "4", "--seq-len", "32"), out, "another dataset")
+
+
+def test_init_from_a_checkpoint_without_tokenizer(made, tmp_path):
+    ck = load_checkpoint(made["final"])
+    bare = tmp_path / "bare.bin"
+    save_checkpoint(bare, ck.model_state(), kind=ck.kind, config=ck.config)  # no tokenizer, no fingerprint
+    out = tmp_path / "ck"
+    assert_refused(run("--dataset", made["train"], "--tokenizer", made["tok"], "--init", bare, "--seq-len", "32",
+                       "--checkpoint-dir", out), out, str(bare), "no tokenizer fingerprint")

@@ -317,6 +317,8 @@ def run(a: TrainArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, "obje
         init_ck = load_checkpoint(a.init)
         base, base_path = init_ck.config, a.init
     for path, fp in ((a.resume, resumed and resumed.ck.fingerprint), (a.init, init_ck and init_ck.fingerprint)):
+        if path and not fp:
+            raise UserError(f"{path}: records no tokenizer fingerprint, so it cannot be checked against {a.tokenizer}")
         if path and fp != tok.fingerprint:
             raise UserError(f"{path}: made with tokenizer {fp}, but {a.tokenizer} has fingerprint {tok.fingerprint}")
     cfg = model_config_for(a, tok.vocab_size, base, base_path)
