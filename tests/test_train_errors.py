@@ -225,3 +225,13 @@ def test_init_from_a_checkpoint_without_tokenizer(made, tmp_path):
     out = tmp_path / "ck"
     assert_refused(run("--dataset", made["train"], "--tokenizer", made["tok"], "--init", bare, "--seq-len", "32",
                        "--checkpoint-dir", out), out, str(bare), "no tokenizer fingerprint")
+
+
+def test_progress_and_samples_go_to_stderr(made, tmp_path):
+    res = run(*args(made, "--checkpoint-dir", tmp_path / "ck", "--sample-every", "2", "--json"))
+    assert res.code == 0, res
+    assert "sample at step 2: '" in res.err
+    assert all(f in res.err for f in ("loss=", "lr=", "tok/s=")) and "mfu" not in res.err  # MFU only on GPU
+    import json
+
+    assert json.loads(res.out)["steps"] == 2  # stdout holds only the summary
