@@ -86,7 +86,8 @@ def bench(
         # compares it with llama.cpp)
         decode = decode_tokens_per_second(runner.model, prompt_len=16, new_tokens=128, repeats=rounds, dtype=amp)
         rows.append({"size": s, "params": cfg.n_params(), "batch_size": batch_size, "seq_len": seq_len,
-                     "device": str(dev), "compiled": compile, "precision": "bf16" if amp else "fp32", "forward_tok_s": fwd, "train_tok_s": tr,
+                     "device": str(dev), "compiled": compile, "precision": "bf16" if amp else "fp32",
+                     "forward_tok_s": fwd, "train_tok_s": tr,
                      "decode_tok_s": decode,
                      "mfu": tr * cfg.flops_per_token(seq_len) / peak_flops if dev.type == "cuda" else None,
                      "train_rounds": res[s]["train"], "forward_rounds": res[s]["forward"]})

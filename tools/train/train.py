@@ -83,7 +83,8 @@ def train(
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip the gradient norm to this (0: off).")] = 1.0,
     max_bad_steps: Annotated[int, typer.Option(
         "--max-bad-steps", help="Non-finite (skipped) steps in a row that stop the run.")] = 8,
-    checkpoint_dir: Annotated[Path, typer.Option("--checkpoint-dir", help="Folder for states, final.bin, metrics.")] = Path("checkpoints"),
+    checkpoint_dir: Annotated[Path, typer.Option(
+        "--checkpoint-dir", help="Folder for states, final.bin, metrics.")] = Path("checkpoints"),
     checkpoint_every: Annotated[int, typer.Option(
         "--checkpoint-every", help="Write state_N.bin every N steps (0: only at the end).")] = 1000,
     keep: Annotated[int, typer.Option("--keep", help="Newest state_N.bin files kept (0: all).")] = 3,
@@ -109,7 +110,8 @@ def train(
         "--device", help="cpu, cuda, cuda:N or mps (default: cuda > mps > cpu).")] = None,
     precision: Annotated[str, typer.Option(
         "--precision", help="auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16.")] = "auto",
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (needs a C++ compiler on CPU).")] = False,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the model (needs a C++ compiler on CPU).")] = False,
     peak_flops: Annotated[float, typer.Option(
         "--peak-flops", help="Peak FLOP/s of one GPU for MFU (H100 bf16 dense).")] = 989e12,
     run: Annotated[Optional[str], typer.Option(
