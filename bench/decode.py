@@ -46,7 +46,7 @@ def build(size: str | None, checkpoint: Path | None, vocab: int, context: int, s
         model, tok, _ = load_model(checkpoint)
         label = checkpoint.name
     else:
-        cfg = ModelConfig.preset(size, vocab, max_seq_len=context)
+        cfg = ModelConfig.from_preset(size, vocab, max_seq_len=context)
         torch.manual_seed(seed)
         model, tok, label = Transformer(cfg).eval(), None, size
     state = {k: v.detach().float() for k, v in model.state_dict().items()}

@@ -89,7 +89,7 @@ def main() -> None:
     else:
         texts = (c.text for c in iter_chunks([REPO / "data" / "pretrain"], max_chars=2_000_000))
         tok = train_bpe(texts, vocab_size=8192, workers=args.threads)
-    cfg = ModelConfig.preset(args.preset, vocab_size=tok.vocab_size)
+    cfg = ModelConfig.from_preset(args.preset, vocab_size=tok.vocab_size)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     print(f"{args.preset}: {cfg.n_params() / 1e6:.1f}M parameters, vocab {cfg.vocab_size}, dim {cfg.dim}, "

@@ -88,7 +88,7 @@ def main() -> None:
     amp = torch.bfloat16 if device.type == "cuda" or a.bf16 else None
     report = []
     for size in a.size or ["small", "medium"]:
-        cfg = ModelConfig.preset(size, a.vocab_size, max_seq_len=a.seq_len)
+        cfg = ModelConfig.from_preset(size, a.vocab_size, max_seq_len=a.seq_len)
         runners = {"plain": RefRunner(cfg, a.batch_size, a.seq_len, device, amp_dtype=amp),
                    "smedjan": SmedjanRunner(cfg, a.batch_size, a.seq_len, device, amp_dtype=amp)}
         if a.compile:

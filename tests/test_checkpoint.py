@@ -16,7 +16,7 @@ from smedjan.model import ModelConfig, Transformer
 
 @pytest.fixture
 def saved(tmp_path, tokenizer):
-    cfg = ModelConfig.preset("tiny", vocab_size=tokenizer.vocab_size)
+    cfg = ModelConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size)
     model = Transformer(cfg)
     path = tmp_path / "final.bin"
     save_checkpoint(path, model.state_dict(), kind=C.KIND_MODEL, config=cfg, tokenizer=tokenizer,

@@ -103,18 +103,18 @@ def test_loss_is_cross_entropy_with_ignore_index():
 
 @pytest.mark.parametrize("name,total", [("tiny", 2_098_304), ("small", 7_212_288), ("medium", 45_101_568)])
 def test_presets_have_the_documented_sizes(name, total):
-    cfg = ModelConfig.preset(name, vocab_size=8192)
+    cfg = ModelConfig.from_preset(name, vocab_size=8192)
     assert cfg.n_params() == total
     if name != "medium":
         assert sum(p.numel() for p in Transformer(cfg).parameters()) == total
 
 
 def test_max_preset_is_six_and_a_half_billion():
-    assert 6.4e9 < ModelConfig.preset("max", vocab_size=8192).n_params() < 6.6e9
+    assert 6.4e9 < ModelConfig.from_preset("max", vocab_size=8192).n_params() < 6.6e9
 
 
 def test_ffn_hidden_rounds_up_to_256():
-    assert ModelConfig.preset("small", 8192).ffn_hidden == 768  # 8/3 * 256 = 682.7
+    assert ModelConfig.from_preset("small", 8192).ffn_hidden == 768  # 8/3 * 256 = 682.7
     assert ModelConfig.custom(8192, dim=1024, n_layers=2, n_heads=8, ffn_mult=4).ffn_hidden == 4096
 
 

@@ -46,7 +46,7 @@ def test_grown_logits_equal_the_source(trained_checkpoint, kw):
 def test_small_to_medium_preset(tmp_path):
     """A small-preset model (norm gains perturbed so none is 1) grows into medium exactly."""
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("small", vocab_size=2048, max_seq_len=64)
+    cfg = ModelConfig.from_preset("small", vocab_size=2048, max_seq_len=64)
     state = Transformer(cfg).state_dict()
     state = {k: v * (1 + 0.3 * torch.randn(v.shape)) if v.ndim == 1 else v for k, v in state.items()}
     dst = grown_config(cfg, "medium")

@@ -95,7 +95,7 @@ def test_horizon_precedence_and_formulas():
     from smedjan.model import ModelConfig
     from smedjan.training.pretrain import DEFAULT_STEPS, TrainArgs, resolve_horizon
 
-    cfg = ModelConfig.preset("small", 8192)
+    cfg = ModelConfig.from_preset("small", 8192)
     tps = 32 * 256
     a = TrainArgs(dataset="d", tokenizer="t", seq_len=256)
     assert resolve_horizon(a, cfg, tps) == (DEFAULT_STEPS, "default")

@@ -18,7 +18,7 @@ def test_sizes_equal_the_model_and_the_documented_counts():
     rows = {r["size"]: r for r in json.loads(res.out)["sizes"]}
     assert list(rows) == list(PRESETS)
     for name, r in rows.items():
-        cfg = ModelConfig.preset(name, 8192)
+        cfg = ModelConfig.from_preset(name, 8192)
         assert r["params"] == cfg.n_params() and r["non_embedding_params"] == cfg.n_params(embedding=False)
         assert r["train_flops_per_token"] == cfg.flops_per_token(256)
     # The documented sizes: small 7.2M, medium 45M (dim 512, 12 layers, 8 heads), tiny ~2M, max ~6.5B.
@@ -28,7 +28,7 @@ def test_sizes_equal_the_model_and_the_documented_counts():
     assert round(rows["tiny"]["params"] / 1e6) == 2 and round(rows["max"]["params"] / 1e9, 1) == 6.5
     # ... and they are what the model really holds (tied head counted once).
     for name in ("tiny", "small"):
-        assert sum(p.numel() for p in Transformer(ModelConfig.preset(name, 8192)).parameters()) == rows[name]["params"]
+        assert sum(p.numel() for p in Transformer(ModelConfig.from_preset(name, 8192)).parameters()) == rows[name]["params"]
     # non-embedding: everything but the vocab x dim table
     assert rows["small"]["params"] - rows["small"]["non_embedding_params"] == 8192 * 256
 
@@ -54,7 +54,7 @@ def test_initial_loss_is_near_ln_vocab():
 
     for name in ("tiny", "small", "medium"):
         torch.manual_seed(0)
-        model = Transformer(ModelConfig.preset(name, 8192, max_seq_len=32))
+        model = Transformer(ModelConfig.from_preset(name, 8192, max_seq_len=32))
         x = torch.randint(0, 8192, (2, 32))
         with torch.no_grad():
             loss = model(x, torch.randint(0, 8192, (2, 32))).item()
@@ -66,7 +66,7 @@ def test_bench_tool_reports_both_numbers():
     res = smedjan("bench", "--size", "tiny", "--steps", "1", "--rounds", "1", "--json")
     assert res.code == 0, res
     row = json.loads(res.out)["rows"][0]
-    assert row["size"] == "tiny" and row["params"] == ModelConfig.preset("tiny", 8192).n_params()
+    assert row["size"] == "tiny" and row["params"] == ModelConfig.from_preset("tiny", 8192).n_params()
     assert row["forward_tok_s"] > 0 and row["train_tok_s"] > 0
     from smedjan_tools.train.bench import format_table
 

@@ -75,7 +75,7 @@ def bench(
         torch.set_float32_matmul_precision("high")  # TF32
     rows = []
     for s in size:
-        cfg = ModelConfig.preset(s, vocab_size, max_seq_len=seq_len)
+        cfg = ModelConfig.from_preset(s, vocab_size, max_seq_len=seq_len)
         log(f"{s}: {cfg.n_params():,} parameters, batch {batch_size} x {seq_len} on {dev}"
             f"{' (bf16 autocast)' if amp else ''}{', compiled' if compile else ''}; threads {torch.get_num_threads()}")
         runner = SmedjanRunner(cfg, batch_size, seq_len, dev, compile=compile, amp_dtype=amp)

@@ -46,7 +46,7 @@ def sizes(
 
     if vocab_size < 1 or seq_len < 1:
         raise UserError("--vocab-size and --seq-len must be positive")
-    cfgs = [ModelConfig.preset(name, vocab_size) for name in PRESETS]
+    cfgs = [ModelConfig.from_preset(name, vocab_size) for name in PRESETS]
     custom = [v is not None for v in (dim, layers, heads)]
     if any(custom):
         if not all(custom):

@@ -1,7 +1,7 @@
 """The model family: one config dataclass, one preset table, one Transformer.
 
     from smedjan.model import ModelConfig, Transformer
-    model = Transformer(ModelConfig.preset("tiny", vocab_size=8192))
+    model = Transformer(ModelConfig.from_preset("tiny", vocab_size=8192))
     model, tokenizer, checkpoint = load_model("final.bin")
 """
 

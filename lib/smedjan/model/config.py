@@ -1,6 +1,6 @@
 """The model's one config dataclass and the preset table.
 
-    cfg = ModelConfig.preset("small", vocab_size=8192)     # 7.2M parameters
+    cfg = ModelConfig.from_preset("small", vocab_size=8192)     # 7.2M parameters
     cfg = ModelConfig.custom(vocab_size=8192, dim=1024, n_layers=16, n_heads=16, ffn_mult=4, n_kv_heads=4)
 """
 
@@ -61,10 +61,6 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # The classmethod `preset` below shadows this field's default in the class body,
-        # so ModelConfig(...) without preset= would get the bound method: name it custom.
-        if not isinstance(self.preset, str):
-            self.preset = "custom"
         if self.n_kv_heads == 0:
             self.n_kv_heads = self.n_heads
         if self.head_dim == 0:
@@ -93,7 +89,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ builders
     @classmethod
-    def preset(cls, name: str, vocab_size: int, **overrides) -> "ModelConfig":
+    def from_preset(cls, name: str, vocab_size: int, **overrides) -> "ModelConfig":
         if name not in PRESETS:
             raise UserError(f"unknown size {name!r}; presets: {', '.join(PRESETS)} (or custom)")
         dim, n_layers, n_heads = PRESETS[name]

@@ -15,20 +15,25 @@ from smedjan.formats.checkpoint import Checkpoint, load_checkpoint
 from smedjan.model.model import Transformer
 
 
+def check_state_shapes(path, state: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], against: str) -> None:
+    """Raise a UserError naming the first tensor of `state` (read from `path`) that is
+    missing, extra or misshapen with respect to `want` (name -> shape)."""
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or extra:
+        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
+        raise UserError(f"{path}: {what} for {against}")
+    for name, shape in want.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise UserError(f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, {against} needs {tuple(shape)}")
+
+
 def checked_model_state(ck: Checkpoint) -> dict[str, torch.Tensor]:
     """`ck`'s model tensors after checking names and shapes against its config (on the
     meta device: nothing is allocated); names any missing, extra or misshapen tensor."""
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in Transformer(ck.config).state_dict().items()}
     state = ck.model_state()
-    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    if missing or extra:
-        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
-        raise UserError(f"{ck.path}: {what} for its model config")
-    for name, shape in want.items():
-        if tuple(state[name].shape) != shape:
-            raise UserError(f"{ck.path}: tensor {name!r} has shape {tuple(state[name].shape)}, "
-                            f"the config needs {shape}")
+    check_state_shapes(ck.path, state, want, "its model config")
     return state
 
 

@@ -8,7 +8,7 @@ RoPE uses the Hugging Face Llama convention (rotate the two halves of each head)
 importing/exporting HF weights is a rename; the GGUF writer permutes Q/K rows for
 llama.cpp's interleaved convention.
 
-    cfg = ModelConfig.preset("small", vocab_size=8192)
+    cfg = ModelConfig.from_preset("small", vocab_size=8192)
     model = Transformer(cfg)
     loss = model(idx, targets)            # idx, targets: int64 [B, T]
     logits = model(idx)                   # [B, T, vocab]

@@ -6,7 +6,7 @@ Runners of different implementations are timed in alternating rounds in one proc
 (`interleave`), so that a machine shared with other work slows all of them alike and
 their per-round ratio stays fair.
 
-    r = SmedjanRunner(ModelConfig.preset("small", 8192), batch_size=4, seq_len=128)
+    r = SmedjanRunner(ModelConfig.from_preset("small", 8192), batch_size=4, seq_len=128)
     res = interleave({"smedjan": r}, rounds=5, steps=10)    # {"smedjan": {"train": [tok/s, ...], ...}}
 """
 

@@ -129,7 +129,7 @@ def config_from_flags(a: TrainArgs, vocab_size: int, max_seq_len: int) -> ModelC
     shape = [f"--{n.replace('_', '-')}" for n in ("dim", "layers", "heads", "ffn_mult") if getattr(a, n) is not None]
     if shape:
         raise UserError(f"{', '.join(shape)} only apply to --size custom (--size {size} is a preset)")
-    return ModelConfig.preset(size, vocab_size, n_kv_heads=a.kv_heads or 0, **common)
+    return ModelConfig.from_preset(size, vocab_size, n_kv_heads=a.kv_heads or 0, **common)
 
 
 def model_config_for(a: TrainArgs, vocab_size: int, base: ModelConfig | None, base_path: str | None) -> ModelConfig:

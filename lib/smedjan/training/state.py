@@ -34,6 +34,7 @@ import torch
 from smedjan.errors import UserError
 from smedjan.formats import constants as C
 from smedjan.formats.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from smedjan.model.load import check_state_shapes
 
 STATE_RE = re.compile(r"^state_(\d+)\.bin$")
 # Param-group keys that describe *how* the optimizer runs here (or what the current
@@ -190,14 +191,7 @@ def read_train_state(path: str | os.PathLike, tool: str) -> LoadedState:
 def load_model_weights(model: torch.nn.Module, ck: Checkpoint) -> None:
     """Copy `ck`'s weights into `model` (same config), naming the first mismatch."""
     state = ck.model_state()
-    own = model.state_dict()
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or extra:
-        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
-        raise UserError(f"{ck.path}: {what} for this model")
-    for k, v in own.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise UserError(f"{ck.path}: tensor {k!r} has shape {tuple(state[k].shape)}, the model needs {tuple(v.shape)}")
+    check_state_shapes(ck.path, state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, "this model")
     model.load_state_dict(state, strict=True)
 
 
