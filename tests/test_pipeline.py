@@ -70,6 +70,11 @@ def test_first_run_builds_every_artifact(pipe):
         assert f"## {stage}" in report
     assert "smedjan chat --checkpoint" in report and "llama-cli -m" in report
     assert "Chat with the result" in first.stdout
+    # headline figures come from the stages' own outputs
+    bpb = json.loads((run / "eval.json").read_text())["lm"]["bits_per_byte"]
+    eval_row = next(ln for ln in report.splitlines() if ln.startswith("| eval |"))
+    assert f"bits_per_byte {bpb:.4g}" in eval_row, eval_row
+    assert "val_bpb" in report and "rewards/accuracies" in report and "bytes/token" in report
 
 
 def test_second_run_does_nothing(pipe):

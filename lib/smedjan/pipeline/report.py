@@ -24,7 +24,7 @@ HEADLINES = {
     "dpo": ("steps", "step", "pairs", "skipped", "last_loss", "loss", "rewards/accuracies", "rewards/margins",
             "reward_accuracy_before", "reward_accuracy_after", "reason"),
     "export": ("quant", "tensors", "bytes", "size_mb", "seconds"),
-    "eval": ("loss", "perplexity", "bpb", "core"),
+    "eval": ("bits_per_byte", "loss", "perplexity", "core", "core_tasks", "longctx_accuracy"),
 }
 
 
@@ -174,11 +174,10 @@ def write_report(pipe: Pipeline) -> Path:
                 if Path(t).exists():
                     figures[f"{Path(t).name} MB"] = round(Path(t).stat().st_size / 1e6, 2)
         if stage.name == "eval":
-            ev = _read_json(Path(stage.targets[0])) or {}
-            flat = _flatten(ev)
-            for k in ("lm.bpb", "lm.loss", "lm.perplexity", "core.score", "longctx.accuracy"):
-                if k in flat:
-                    figures[k] = flat[k]
+            # after the headline figures, each task's accuracy (centered: 0 is chance)
+            for run in runs:
+                for task, v in (run.get("summary", {}).get("centered") or {}).items():
+                    figures[f"centered {task}"] = v
         seconds = log.get("seconds")
         rows.append(f"| {stage.name} | {seconds if seconds is not None else 'not run'} | "
                     + "; ".join(f"{k} {_fmt(v)}" for k, v in list(figures.items())[:4]) + " |")
