@@ -31,9 +31,10 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from smedjan.errors import UserError
 
@@ -66,7 +67,8 @@ class ReadStats:
     per_file: dict = field(default_factory=dict)
 
 
-def _base_suffix(p: Path) -> str:
+def base_suffix(p: Path) -> str:
+    """The suffix under any compression suffix: data.jsonl.zst -> .jsonl."""
     name = p.name.lower()
     for c in COMPRESSED:
         if name.endswith(c):
@@ -76,7 +78,7 @@ def _base_suffix(p: Path) -> str:
 
 
 def is_supported(p: Path) -> bool:
-    return _base_suffix(p) in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+    return base_suffix(p) in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 
 
 def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
@@ -121,8 +123,9 @@ def open_binary(p: Path) -> BinaryIO:
     return raw
 
 
-def _guard(p: Path, fn, *args):
-    """Turn decompression/IO failures into a one-line UserError naming the file."""
+def guard_reads(p: Path, fn, *args):
+    """Yield from fn(*args), turning decompression and IO failures into a one-line
+    UserError naming the file `p`."""
     import zstandard
 
     try:
@@ -133,6 +136,23 @@ def _guard(p: Path, fn, *args):
         raise UserError(f"{p}: corrupt zstd stream ({e})".splitlines()[0]) from None
     except (OSError, EOFError, ValueError) as e:
         raise UserError(f"{p}: cannot read ({e.__class__.__name__}: {e})".splitlines()[0]) from None
+
+
+def iter_json_lines(p: Path, objects: bool = True) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a JSON-lines file (optionally .zst/.gz).
+    A line that is not JSON, or not an object when `objects`, is a UserError naming
+    file:line; wrap the call in `guard_reads` for corrupt streams and IO errors."""
+    with open_binary(p) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"{p}:{lineno}: malformed JSON line ({e.__class__.__name__}: {e})") from None
+            if objects and not isinstance(obj, dict):
+                raise UserError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
 
 
 class _Utf8:
@@ -226,46 +246,48 @@ def _read_txt(p: Path, split: str, stats: ReadStats) -> Iterator[Chunk]:
 
 def _read_jsonl(p: Path, text_field: str, stats: ReadStats) -> Iterator[Chunk]:
     src = str(p)
-    with open_binary(p) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"{p}:{lineno}: malformed JSON line ({e.__class__.__name__}: {e})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            if text_field not in obj:
-                raise UserError(f"{p}:{lineno}: no {text_field!r} field (choose one with --text-field)")
-            text = obj[text_field]
-            if not isinstance(text, str):
-                raise UserError(f"{p}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string")
-            if text:
-                yield from _doc_chunks(text, src)
-            else:
-                stats.skipped_empty += 1
+    for lineno, obj in iter_json_lines(p):
+        if text_field not in obj:
+            raise UserError(f"{p}:{lineno}: no {text_field!r} field (choose one with --text-field)")
+        text = obj[text_field]
+        if not isinstance(text, str):
+            raise UserError(f"{p}:{lineno}: field {text_field!r} is {type(text).__name__}, expected a string")
+        if text:
+            yield from _doc_chunks(text, src)
+        else:
+            stats.skipped_empty += 1
 
 
-def _read_parquet(p: Path, text_column: str, stats: ReadStats) -> Iterator[Chunk]:
+@contextmanager
+def open_parquet(p: Path):
+    """A pyarrow ParquetFile of `p`. Parquet needs random access, so a compressed file is
+    first decompressed, streaming, to a temporary file that is deleted on exit."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     tmp = None
-    src = str(p)
     try:
+        path = str(p)
         if p.name.lower().endswith(COMPRESSED):
-            # Parquet needs random access: decompress to a temporary file, streaming.
             fd, tmp = tempfile.mkstemp(suffix=".parquet")
             with os.fdopen(fd, "wb") as out, open_binary(p) as f:
                 shutil.copyfileobj(f, out, BLOCK)
             path = tmp
-        else:
-            path = str(p)
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowInvalid, OSError) as e:
             raise UserError(f"{p}: not a readable parquet file ({e})".splitlines()[0]) from None
+        yield pf
+    finally:
+        if tmp:
+            os.unlink(tmp)
+
+
+def _read_parquet(p: Path, text_column: str, stats: ReadStats) -> Iterator[Chunk]:
+    import pyarrow as pa
+
+    src = str(p)
+    with open_parquet(p) as pf:
         names = pf.schema_arrow.names
         if text_column not in names:
             raise UserError(f"{p}: no column {text_column!r} (columns: {', '.join(names)}; choose with --text-column)")
@@ -278,20 +300,17 @@ def _read_parquet(p: Path, text_column: str, stats: ReadStats) -> Iterator[Chunk
                     yield from _doc_chunks(text, src)
                 else:
                     stats.skipped_empty += 1
-    finally:
-        if tmp:
-            os.unlink(tmp)
 
 
 def iter_file(p: Path, stats: ReadStats, text_field: str = "text", text_column: str = "text",
               txt_split: str = "file") -> Iterator[Chunk]:
-    suffix = _base_suffix(p)
+    suffix = base_suffix(p)
     if suffix in JSONL_SUFFIXES:
-        yield from _guard(p, _read_jsonl, p, text_field, stats)
+        yield from guard_reads(p, _read_jsonl, p, text_field, stats)
     elif suffix in PARQUET_SUFFIXES:
-        yield from _guard(p, _read_parquet, p, text_column, stats)
+        yield from guard_reads(p, _read_parquet, p, text_column, stats)
     else:
-        yield from _guard(p, _read_txt, p, txt_split, stats)
+        yield from guard_reads(p, _read_txt, p, txt_split, stats)
 
 
 def iter_chunks(inputs: list[str | os.PathLike], *, text_field: str = "text", text_column: str = "text",

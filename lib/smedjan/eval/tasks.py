@@ -148,27 +148,9 @@ def find_file(data_dir: Path, rel: str) -> Path | None:
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) of each non-blank line; a bad line or stream is a UserError naming file:line."""
-    import zstandard
+    from smedjan.data.sources import guard_reads, iter_json_lines
 
-    from smedjan.data.sources import open_binary
-
-    lineno = 0
-    try:
-        with open_binary(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise UserError(f"{path}:{lineno}: malformed JSON line ({e.__class__.__name__}: {e})") from None
-                if not isinstance(obj, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                yield lineno, obj
-    except zstandard.ZstdError as e:
-        raise UserError(f"{path}: corrupt zstd stream after line {lineno} ({e})") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
+    return guard_reads(path, iter_json_lines, path)
 
 
 def _need(path: Path, lineno: int, obj: dict, key: str, typ, what: str):

@@ -36,19 +36,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from smedjan.data.sources import base_suffix, guard_reads, iter_json_lines, open_binary, open_parquet
 from smedjan.errors import UserError
 
 SFT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt-response")
 DPO_FORMATS = ("prompt", "hh-rlhf", "alpaca", "sharegpt")
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
-_COMPRESSED = (".zst", ".zstd", ".gz")
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "system": "system"}
@@ -107,33 +105,13 @@ class LoadReport:
 
 
 # ------------------------------------------------------------------------------ reading
-def _base_suffix(p: Path) -> str:
-    name = p.name.lower()
-    for c in _COMPRESSED:
-        if name.endswith(c):
-            name = name[: -len(c)]
-    return os.path.splitext(name)[1]
-
-
-def _open(p: Path):
-    from smedjan.data.sources import open_binary
-
-    return open_binary(p)
-
-
 def _read_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
-    with _open(p) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{p}:{lineno}", json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"{p}:{lineno}: malformed JSON line ({e.__class__.__name__}: {e})") from None
+    for lineno, rec in iter_json_lines(p, objects=False):
+        yield f"{p}:{lineno}", rec
 
 
 def _read_json(p: Path) -> Iterator[tuple[str, Any]]:
-    with _open(p) as f:
+    with open_binary(p) as f:
         try:
             data = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -146,52 +124,26 @@ def _read_json(p: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_parquet(p: Path) -> Iterator[tuple[str, Any]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tmp = None
-    try:
-        path = str(p)
-        if p.name.lower().endswith(_COMPRESSED):  # parquet needs random access: decompress first
-            fd, tmp = tempfile.mkstemp(suffix=".parquet")
-            with os.fdopen(fd, "wb") as out, _open(p) as f:
-                shutil.copyfileobj(f, out, 1 << 20)
-            path = tmp
-        try:
-            pf = pq.ParquetFile(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise UserError(f"{p}: not a readable parquet file ({e})".splitlines()[0]) from None
+    with open_parquet(p) as pf:
         i = 0
         for batch in pf.iter_batches(batch_size=1024):
             for rec in batch.to_pylist():
                 yield f"{p}[{i}]", rec
                 i += 1
-    finally:
-        if tmp:
-            os.unlink(tmp)
 
 
 def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     """(place, record) of every record in one data file."""
-    import zstandard
-
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: data file does not exist")
     if p.is_dir():
         raise UserError(f"{p}: is a folder, expected a data file (.jsonl, .json or .parquet)")
-    suffix = _base_suffix(p)
+    suffix = base_suffix(p)
     readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
     if suffix not in readers:
         raise UserError(f"{p}: unsupported data file; expected .jsonl, .json or .parquet, optionally .zst/.gz")
-    try:
-        yield from readers[suffix](p)
-    except UserError:
-        raise
-    except zstandard.ZstdError as e:
-        raise UserError(f"{p}: corrupt zstd stream ({e})".splitlines()[0]) from None
-    except (OSError, EOFError, ValueError) as e:
-        raise UserError(f"{p}: cannot read ({e.__class__.__name__}: {e})".splitlines()[0]) from None
+    yield from guard_reads(p, readers[suffix], p)
 
 
 # ---------------------------------------------------------------------------- helpers
