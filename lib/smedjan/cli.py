@@ -35,6 +35,7 @@ from typing import Annotated, Any, Callable, Iterator
 import typer
 
 from smedjan.errors import UserError
+from smedjan.signals import route_signals_to_main_thread
 
 __all__ = ["UserError", "tool", "JsonOpt", "emit", "log", "progress", "make_app", "run_app"]
 
@@ -68,6 +69,7 @@ def tool(name: str) -> Callable[[Callable], Callable]:
         def wrapper(*args, **kwargs):
             _current_tool[0] = f"smedjan {name}"
             _exit_cleanly_on_sigterm()
+            route_signals_to_main_thread()  # Ctrl-C must end a read on a FIFO or stdin
             try:
                 return fn(*args, **kwargs)
             except UserError as e:

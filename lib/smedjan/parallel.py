@@ -26,6 +26,10 @@ def _worker_init(initializer: Callable | None, initargs: tuple) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole group: the parent handles it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    try:
+        signal.set_wakeup_fd(-1)  # a forked worker must not wake the parent's signal watcher
+    except ValueError:  # not the main thread: nothing was inherited to undo
+        pass
     if initializer is not None:
         initializer(*initargs)
 
