@@ -75,7 +75,8 @@ def chat(
     params = sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos)
     if history_file is not None:
         check_output_path(history_file)
-    model, tok, engine = _load_quietly(checkpoint, device, dtype, threads)
+    # Ctrl-C at the prompt works whichever thread takes it: see smedjan.signals
+    model, tok, engine = load_engine(checkpoint, device, dtype, threads, max_batch=1)
     readline = _setup_readline(history_file)
     reserve = min(max_new_tokens, engine.context // 4)
     system_msgs = [{"role": "system", "content": system}] if system else []
@@ -143,27 +144,6 @@ def chat(
     finally:
         if readline is not None and history_file is not None:
             readline.write_history_file(str(history_file))
-
-
-def _load_quietly(checkpoint: Path, device, dtype, threads):
-    """Load the model and run one short generation with SIGINT blocked, so that every
-    worker thread (PyTorch's and OpenMP's pools are created here) inherits the block.
-    Ctrl-C then always reaches the main thread, where readline waits for input: a
-    SIGINT taken by a worker thread would not interrupt that wait, and Ctrl-C at the
-    prompt would seem ignored. A Ctrl-C pressed meanwhile is delivered right after."""
-    import signal
-
-    from smedjan.infer import SamplingParams
-
-    if not hasattr(signal, "pthread_sigmask"):  # not POSIX
-        return load_engine(checkpoint, device, dtype, threads, max_batch=1)
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        model, tok, engine = load_engine(checkpoint, device, dtype, threads, max_batch=1)
-        engine.generate([[tok.bos_id]], SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    return model, tok, engine
 
 
 def _setup_readline(history_file: Path | None):
