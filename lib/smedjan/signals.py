@@ -42,9 +42,7 @@ def _ignore(signum, frame) -> None:
 def _watch(read_fd: int, main_ident: int) -> None:
     while True:
         try:
-            data = os.read(read_fd, 64)
-        except InterruptedError:
-            continue
+            data = os.read(read_fd, 64)  # EINTR is retried by CPython (PEP 475)
         except OSError:
             return
         if not data:
@@ -52,7 +50,7 @@ def _watch(read_fd: int, main_ident: int) -> None:
         if any(b in _FORWARD for b in data):
             try:
                 signal.pthread_kill(main_ident, _POKE)
-            except (ProcessLookupError, OSError):  # the main thread has exited
+            except OSError:  # the main thread has exited
                 return
 
 

@@ -30,7 +30,6 @@ Every file is read in order and shuffled with `random.Random(1337)` as nanochat 
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass, field

@@ -15,33 +15,38 @@ from smedjan.formats.checkpoint import Checkpoint, load_checkpoint
 from smedjan.model.model import Transformer
 
 
-def check_state_shapes(path, state: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], against: str) -> None:
+def check_state_shapes(path, state: dict[str, torch.Tensor], model: torch.nn.Module, against: str) -> None:
     """Raise a UserError naming the first tensor of `state` (read from `path`) that is
-    missing, extra or misshapen with respect to `want` (name -> shape)."""
+    missing, extra or misshapen with respect to `model`'s own (which may be on meta)."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing or extra:
         what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
         raise UserError(f"{path}: {what} for {against}")
     for name, shape in want.items():
-        if tuple(state[name].shape) != tuple(shape):
-            raise UserError(f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, {against} needs {tuple(shape)}")
+        if tuple(state[name].shape) != shape:
+            raise UserError(f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, {against} needs {shape}")
+
+
+def _meta_model_and_state(ck: Checkpoint) -> tuple[Transformer, dict[str, torch.Tensor]]:
+    """`ck`'s config as a Transformer on the meta device (nothing allocated) and its
+    tensors, checked against it."""
+    with torch.device("meta"):
+        model = Transformer(ck.config)
+    state = ck.model_state()
+    check_state_shapes(ck.path, state, model, "its model config")
+    return model, state
 
 
 def checked_model_state(ck: Checkpoint) -> dict[str, torch.Tensor]:
-    """`ck`'s model tensors after checking names and shapes against its config (on the
-    meta device: nothing is allocated); names any missing, extra or misshapen tensor."""
-    with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in Transformer(ck.config).state_dict().items()}
-    state = ck.model_state()
-    check_state_shapes(ck.path, state, want, "its model config")
-    return state
+    """`ck`'s model tensors after checking names and shapes against its config; names
+    any missing, extra or misshapen tensor."""
+    return _meta_model_and_state(ck)[1]
 
 
 def model_from_checkpoint(ck: Checkpoint, device="cpu", dtype: torch.dtype | None = None) -> Transformer:
     """The Transformer of `ck`'s config with its weights (see `checked_model_state`)."""
-    state = checked_model_state(ck)
-    with torch.device("meta"):
-        model = Transformer(ck.config)
+    model, state = _meta_model_and_state(ck)
     model = model.to_empty(device=device)
     model.load_state_dict(state, strict=True)
     if dtype is not None:

@@ -288,7 +288,6 @@ def run(a: TrainArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, "obje
     """Check every input, train, and return (summary, TrainResult)."""
     from smedjan.data.loader import Loader, n_sequential_batches
     from smedjan.device import pick_device
-    from smedjan.formats import constants as C
     from smedjan.formats.checkpoint import load_checkpoint
     from smedjan.formats.tokens import TokenFile, check_tokenizer_match
     from smedjan.optim import OptimizerSettings, build_optimizer, param_groups

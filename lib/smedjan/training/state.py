@@ -191,7 +191,7 @@ def read_train_state(path: str | os.PathLike, tool: str) -> LoadedState:
 def load_model_weights(model: torch.nn.Module, ck: Checkpoint) -> None:
     """Copy `ck`'s weights into `model` (same config), naming the first mismatch."""
     state = ck.model_state()
-    check_state_shapes(ck.path, state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, "this model")
+    check_state_shapes(ck.path, state, model, "this model")
     model.load_state_dict(state, strict=True)
 
 
