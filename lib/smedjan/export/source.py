@@ -35,30 +35,18 @@ class ModelSource:
     tokenizer_note: str | None = None  # why there is no tokenizer, when there is none
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of the Transformer for `cfg` (built on the meta device: no memory)."""
-    from smedjan.model.model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str,
                   display: dict[str, str] | None = None) -> None:
     """Names, shapes, dtypes and finiteness against the config; `display` maps our names to the
     file's own (HF) names for the message."""
+    from smedjan.model.load import check_state_shapes
+    from smedjan.model.model import Transformer
+
+    with torch.device("meta"):  # the config's tensors, without allocating them
+        model = Transformer(cfg)
+    check_state_shapes(where, tensors, model, "its model config", display)
     shown = (lambda n: (display or {}).get(n, n))
-    want = expected_shapes(cfg)
-    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
-    if missing:
-        raise UserError(f"{where}: missing tensor {shown(missing[0])!r} for its model config")
-    if extra:
-        raise UserError(f"{where}: unexpected tensor {shown(extra[0])!r} for its model config")
-    for name, shape in want.items():
-        t = tensors[name]
-        if tuple(t.shape) != shape:
-            raise UserError(f"{where}: tensor {shown(name)!r} has shape {tuple(t.shape)}, the config needs {shape}")
+    for name, t in tensors.items():
         if t.dtype not in ALLOWED_DTYPES:
             raise UserError(f"{where}: tensor {shown(name)!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
                             "supported: float32, bfloat16, float16")

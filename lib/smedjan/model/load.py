@@ -15,17 +15,21 @@ from smedjan.formats.checkpoint import Checkpoint, load_checkpoint
 from smedjan.model.model import Transformer
 
 
-def check_state_shapes(path, state: dict[str, torch.Tensor], model: torch.nn.Module, against: str) -> None:
+def check_state_shapes(path, state: dict[str, torch.Tensor], model: torch.nn.Module, against: str,
+                       display: dict[str, str] | None = None) -> None:
     """Raise a UserError naming the first tensor of `state` (read from `path`) that is
-    missing, extra or misshapen with respect to `model`'s own (which may be on meta)."""
+    missing, extra or misshapen with respect to `model`'s own (which may be on meta).
+    `display` maps our tensor names to the file's own (HF) names for the message."""
+    shown = (lambda n: (display or {}).get(n, n))
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing or extra:
-        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
+        what = f"missing tensor {shown(missing[0])!r}" if missing else f"unexpected tensor {shown(extra[0])!r}"
         raise UserError(f"{path}: {what} for {against}")
     for name, shape in want.items():
         if tuple(state[name].shape) != shape:
-            raise UserError(f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, {against} needs {shape}")
+            raise UserError(f"{path}: tensor {shown(name)!r} has shape {tuple(state[name].shape)}, "
+                            f"{against} needs {shape}")
 
 
 def _meta_model_and_state(ck: Checkpoint) -> tuple[Transformer, dict[str, torch.Tensor]]:
