@@ -29,14 +29,14 @@ SCRIPT = textwrap.dedent("""
                 time.sleep(1)
                 break
         signal.pthread_kill(threading.get_ident(), signal.SIGINT)
-        print("sent", flush=True)
+        os.write(1, b"sent\\n")  # one write each: the two threads' lines never interleave
     try:
         threading.Thread(target=catch, daemon=True).start()
         os.read(r, 1)
     except KeyboardInterrupt:
-        print("interrupted", flush=True)
+        os.write(1, b"interrupted\\n")
         sys.exit(130)
-    print("read returned", flush=True)
+    os.write(1, b"read returned\\n")
 """)
 
 
