@@ -89,6 +89,10 @@ def test_serve_refuses_a_taken_port_and_bad_flags(trained_checkpoint):
     assert_user_error(smedjan("serve", "-c", trained_checkpoint, "--max-batch", "0"), "--max-batch")
     assert_user_error(smedjan("serve", "-c", trained_checkpoint, "--max-body", "10"), "--max-body")
     assert_user_error(smedjan("serve", "-c", trained_checkpoint, "--port", "0", "--context", "100000"), "--context")
+    for bad in ("evil.example:80", "http://evil.example", "", "a b"):
+        assert_user_error(smedjan("serve", "-c", trained_checkpoint, "--allowed-host", bad), "--allowed-host")
+    assert_user_error(smedjan("serve", "-c", trained_checkpoint, "--allowed-host", "chat.lan", "--api-key", "k"),
+                      "--allowed-host", "--api-key")
 
 
 @pytest.mark.parametrize("name,flags", [
@@ -96,7 +100,7 @@ def test_serve_refuses_a_taken_port_and_bad_flags(trained_checkpoint):
                   "--repetition-penalty", "--seed", "--stop", "--ignore-eos", "--device", "--dtype", "--threads"]),
     ("chat", ["--checkpoint", "--system", "--max-new-tokens", "--temperature", "--history-file"]),
     ("serve", ["--checkpoint", "--host", "--port", "--api-key", "--max-batch", "--max-queue", "--max-body",
-               "--model-name", "--context"]),
+               "--model-name", "--context", "--allowed-host"]),
 ])
 def test_help_lists_every_flag_with_its_default(name, flags):
     res = smedjan(name, "--help", env={"COLUMNS": "200"})

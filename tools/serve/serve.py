@@ -2,6 +2,7 @@
 
     smedjan serve --checkpoint sft.bin                       # http://127.0.0.1:8000/
     smedjan serve -c sft.bin --host 0.0.0.0 --port 8080 --api-key "$KEY" --max-batch 16
+    smedjan serve -c sft.bin --host 0.0.0.0 --allowed-host chat.lan     # keyless, on a trusted network
     curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"model": "sft.bin", "messages": [{"role": "user", "content": "Hi"}]}'
 
@@ -29,7 +30,9 @@ INDEX_HTML = Path(__file__).resolve().parent / "static" / "index.html"
     "and a web chat page at /. Binds 127.0.0.1 unless --host says otherwise. Up to --max-batch requests are "
     "generated together; more wait in a queue (503 beyond --max-queue). A client that disconnects frees its "
     "slot at once. Chat replies end at <|assistant_end|>; completions continue the prompt as a document "
-    "(after <|bos|>). The model id is the checkpoint's file name unless --model-name is given."
+    "(after <|bos|>). The model id is the checkpoint's file name unless --model-name is given. Without "
+    "--api-key only requests addressed to localhost, 127.0.0.1 or [::1] (or an --allowed-host) are answered, "
+    "so that a web page cannot reach the server through DNS rebinding; POST /v1/* must be application/json."
 ))
 @tool("serve")
 def serve(
@@ -41,7 +44,12 @@ def serve(
                                                                            "the checkpoint's file name).")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="SMEDJAN_API_KEY",
                                                    help="Require 'Authorization: Bearer KEY' on /v1/* "
-                                                        "(or set SMEDJAN_API_KEY).")] = None,
+                                                        "(or set SMEDJAN_API_KEY). With a key, requests "
+                                                        "to any Host name are answered.")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        "--allowed-host", help="Without --api-key, also answer requests addressed to this host name or address "
+                               "(any port; repeat for several). Only localhost, 127.0.0.1 and [::1] are "
+                               "answered otherwise.")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Requests generated together (KV-cache rows).")] = 8,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a row; beyond it, 503.")] = 256,
     max_body: Annotated[int, typer.Option("--max-body", help="Largest request body in bytes; larger gets 413.")] = 1 << 20,
@@ -71,18 +79,26 @@ def serve(
         raise UserError(f"--context must be at least 2, got {context}")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key is empty")
+    from smedjan.infer.http import create_app, normalize_host
+
+    if allowed_host and api_key is not None:
+        raise UserError("--allowed-host is for a server without --api-key (with a key, every Host is answered)")
+    for name in allowed_host or []:
+        try:
+            normalize_host(name)
+        except ValueError as e:
+            raise UserError(f"--allowed-host: {e}") from None
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         raise UserError(f"--log-level {log_level!r} is not a uvicorn log level")
 
-    from smedjan.infer.http import create_app
-
     sock = _listen(host, port)  # before the model loads: a taken port fails fast, with exit 2
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        warn(f"--host {host} exposes the model beyond this machine without --api-key")
+        warn(f"--host {host} exposes the model beyond this machine without --api-key; only requests addressed to "
+             f"localhost, 127.0.0.1, [::1]" + "".join(f", {h}" for h in allowed_host or []) + " are answered")
     model, tok, engine = load_engine(checkpoint, device, dtype, threads, max_batch, context)
     name = model_name or checkpoint.name
     web = create_app(engine, tok, name, api_key=api_key, max_body=max_body, index_html=INDEX_HTML,
-                     max_queue=max_queue)
+                     max_queue=max_queue, allowed_hosts=allowed_host or ())
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     log(f"serving {name} ({model.cfg.n_params() / 1e6:.1f}M parameters, context {engine.context}, "

@@ -6,11 +6,20 @@ Every error is a 4xx/5xx with OpenAI's body {"error": {"message", "type", "param
 "code"}}. With an API key, /v1/* needs `Authorization: Bearer KEY`. Request bodies
 above `max_body` bytes get 413 before they are read in full.
 
+A web page the user visits must not be able to drive a local server: its requests
+either name the attacker's host (DNS rebinding) or are "simple" cross-origin POSTs,
+which browsers send without a preflight only as text/plain, form or multipart bodies.
+So without an API key, only requests whose Host is a loopback name (localhost,
+127.0.0.1, [::1], any port) or one of `allowed_hosts` are answered (400 otherwise),
+and every POST to /v1/* must be `application/json` (415 otherwise). With a key any
+Host is answered: a page cannot know the key, and remote clients need their own name.
+
 One `Worker` thread runs the model; each request waits on its own asyncio queue fed
 from that thread. A streaming client that disconnects (or a waiting one that goes
 away) cancels its sequence, which frees its batch row for the next request.
 
-    app = create_app(engine, tok, "final.bin", api_key=None, max_body=1 << 20, index_html=path)
+    app = create_app(engine, tok, "final.bin", api_key=None, max_body=1 << 20, index_html=path,
+                     allowed_hosts=["chat.lan"])
     uvicorn.run(app, host="127.0.0.1", port=8000)
 """
 
@@ -19,10 +28,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -36,6 +46,41 @@ from smedjan.infer.sampling import MAX_STOP_STRINGS, SamplingParams
 from smedjan.infer.worker import QueueFull, Request, Worker
 
 DISCONNECT_POLL_S = 0.5  # how often a request with nothing to send checks that its client is still there
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+# A Host header: a name or IPv4 address, or a bracketed IPv6 address, then an optional
+# port (RFC 3986 allows an empty one). Anything else is refused, never guessed at.
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::[0-9]*)?")
+_NAME = re.compile(r"\[[0-9a-f:.]+\]|[a-z0-9_.-]+")
+
+
+def normalize_host(name: str) -> str:
+    """An --allowed-host value as the guard compares it: lower case, IPv6 in brackets,
+    no port (a name is allowed on every port). ValueError if it is not a host name."""
+    n = name.strip().lower()
+    if ":" in n and not n.startswith("["):
+        n = f"[{n}]"  # a bare IPv6 address
+    if not _NAME.fullmatch(n):
+        raise ValueError(f"{name!r} is not a host name or address (give it without a port)")
+    return n
+
+
+def host_of(header: str) -> str | None:
+    """The host name of a Host header, lower case and without the port; None if malformed."""
+    m = _HOST.fullmatch(header.strip().lower())
+    return m.group(1) if m else None
+
+
+def is_json_type(content_type: str) -> bool:
+    """application/json, with any parameters, but a charset (if given) must be UTF-8, as
+    JSON's is (RFC 8259)."""
+    media, *params = content_type.split(";")
+    if media.strip().lower() != "application/json":
+        return False
+    for p in params:
+        key, _, value = p.partition("=")
+        if key.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
 
 
 class APIError(Exception):
@@ -106,8 +151,11 @@ def _text_of(content: str | list[dict]) -> str:
 
 # --------------------------------------------------------------------- the app
 def create_app(engine: Engine, tok, model_name: str, *, api_key: str | None = None, max_body: int = 1 << 20,
-               index_html: Path | None = None, max_queue: int = 256) -> FastAPI:
+               index_html: Path | None = None, max_queue: int = 256, allowed_hosts: Sequence[str] = ()) -> FastAPI:
+    """The app; `allowed_hosts` (names or addresses, any port) are answered besides the
+    loopback names when there is no API key; with one, every Host is."""
     worker = Worker(engine, max_queue=max_queue)
+    hosts = None if api_key is not None else frozenset(LOOPBACK_HOSTS) | {normalize_host(h) for h in allowed_hosts}
     created = int(time.time())
 
     async def lifespan(app):
@@ -131,7 +179,7 @@ def create_app(engine: Engine, tok, model_name: str, *, api_key: str | None = No
     async def internal_error(request, exc: Exception):
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
-    app.add_middleware(_Guard, api_key=api_key, max_body=max_body)
+    app.add_middleware(_Guard, api_key=api_key, max_body=max_body, hosts=hosts)
 
     @app.get("/health")
     async def health():
@@ -193,29 +241,46 @@ def create_app(engine: Engine, tok, model_name: str, *, api_key: str | None = No
 
 
 class _Guard:
-    """Bearer auth on /v1/* and the declared body size, checked before any endpoint runs.
-    Plain ASGI (not BaseHTTPMiddleware), so streamed responses and disconnects pass
-    through untouched."""
+    """Host (without an API key), bearer auth and JSON content type on /v1/*, and the
+    declared body size, checked before any endpoint runs. Plain ASGI (not
+    BaseHTTPMiddleware), so streamed responses and disconnects pass through untouched.
+    `hosts`: the Host names answered, or None for all."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    def __init__(self, app, api_key: str | None, max_body: int, hosts: frozenset[str] | None):
+        self.app, self.api_key, self.max_body, self.hosts = app, api_key, max_body, hosts
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            refusal = None
-            if self.api_key is not None and scope["path"].startswith("/v1/"):
-                scheme, _, given = headers.get("authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
-                    refusal = error_response(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-            length = headers.get("content-length")
-            if refusal is None and length is not None and (not length.isdigit() or int(length) > self.max_body):
-                refusal = _too_large(self.max_body)
+            refusal = self._refusal(scope)
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        api = scope["path"].startswith("/v1/")
+        if self.hosts is not None:
+            given = headers.get("host")
+            if given is None or host_of(given) not in self.hosts:
+                shown = "no Host header" if given is None else f"Host {given[:100]!r}"
+                return error_response(400, f"{shown} is not allowed: without --api-key this server answers only "
+                                           f"requests addressed to localhost, 127.0.0.1 or [::1] and the names "
+                                           f"given with --allowed-host", code="host_not_allowed")
+        if self.api_key is not None and api:
+            scheme, _, key = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+                return error_response(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                                      code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if api and scope["method"] == "POST" and not is_json_type(headers.get("content-type", "")):
+            got = headers.get("content-type")
+            return error_response(415, "Content-Type must be application/json, got "
+                                       + (repr(got[:100]) if got is not None else "none"),
+                                  code="unsupported_media_type")
+        length = headers.get("content-length")
+        if length is not None and (not (length.isascii() and length.isdigit()) or int(length) > self.max_body):
+            return _too_large(self.max_body)
+        return None
 
 
 def _model_card(name: str, created: int, context: int) -> dict:
