@@ -3,6 +3,8 @@ detokenizer, and stop strings that span tokens."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -10,7 +12,7 @@ from hypothesis import strategies as st
 
 from smedjan.errors import UserError
 from smedjan.infer import Detokenizer, Engine, SamplingParams, StopText
-from smedjan.infer.sampling import apply_repetition_penalty, filter_top_k_top_p
+from smedjan.infer.sampling import apply_repetition_penalty, filter_top_k_top_p, sample
 from smedjan.model import load_model
 
 
@@ -87,8 +89,8 @@ def test_repetition_penalty_changes_greedy_choices_as_the_formula_says(micro):
     assert out.token_ids == ids[len(prompt):]
 
 
-@pytest.mark.parametrize("kw,needle", [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top-p"),
-                                       ({"top_k": -2}, "top-k"), ({"max_new_tokens": 0}, "at least 1"),
+@pytest.mark.parametrize("kw,needle", [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+                                       ({"top_k": -2}, "top_k"), ({"max_new_tokens": 0}, "at least 1"),
                                        ({"repetition_penalty": 0}, "repetition"), ({"stop": [""]}, "stop")])
 def test_bad_settings_are_user_errors(kw, needle):
     with pytest.raises(UserError, match=needle):
@@ -153,3 +155,113 @@ def test_stop_string_across_a_token_boundary_cuts_the_text_exactly(micro):
     # it stopped on the very token that completed the stop string
     done = next(j for j in range(1, len(pieces) + 1) if stop in tok.decode(free.token_ids[:j]))
     assert len([t for d in deltas for t in d.token_ids]) == done
+
+
+# ------------------------------------------------- hostile settings (issue 20)
+def _hostile_logits() -> torch.Tensor:
+    """Logits a model can produce: large, tied at the top, and near float32's range."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, generator=gen) * 30
+    logits[17] = logits[40] = logits.max() + 1.0  # a tie: greedy takes the lower id
+    logits[5], logits[6] = 3e38, -3e38
+    return logits
+
+
+@pytest.mark.parametrize("temperature", [2.57e-38, 1e-40, 5e-324, 1e-30, 9.9e-6])
+def test_a_temperature_below_the_threshold_is_greedy(temperature):
+    logits = _hostile_logits()
+    logits[5] = 12.0  # the tie at 17/40 is the maximum
+    params = SamplingParams(temperature=temperature, seed=1)
+    assert params.greedy
+    assert sample(logits, params, params.generator()) == 17
+
+
+@pytest.mark.parametrize("temperature", [1e-5, 1e-3, 0.7, 2.0, 100.0, 1e30, 1e300])
+@pytest.mark.parametrize("penalty", [1.0, 0.01, 100.0])
+def test_every_accepted_setting_samples_a_real_token(temperature, penalty):
+    logits = _hostile_logits()
+    seen = torch.zeros(300, dtype=torch.bool)
+    seen[::3] = True
+    params = SamplingParams(temperature=temperature, repetition_penalty=penalty, top_p=0.9, seed=2)
+    gen = params.generator()
+    for _ in range(20):
+        assert 0 <= sample(logits, params, gen, seen) < 300
+
+
+def _reference_probs(logits, temperature, top_k, top_p, penalty, seen) -> torch.Tensor:
+    """The distribution written out in float64, one step at a time (HF's order)."""
+    x = logits.double().clone()
+    for i in range(len(x)):
+        if seen[i]:
+            x[i] = x[i] / penalty if x[i] > 0 else x[i] * penalty
+    x = (x - x.max()) / temperature
+    order = sorted(range(len(x)), key=lambda i: (-x[i].item(), i))  # ties: the lower id first
+    kept = order[:top_k] if top_k else order
+    weights = {i: math.exp(x[i].item()) for i in kept}
+    total = sum(weights.values())
+    final, mass = [], 0.0
+    for i in kept:  # the smallest head of the ranking whose probability reaches top_p
+        if final and mass >= top_p:
+            break
+        final.append(i)
+        mass += weights[i] / total
+    p = torch.zeros(len(x), dtype=torch.float64)
+    for i in final:
+        p[i] = weights[i]
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,penalty", [
+    (1.0, 0, 1.0, 1.0), (1e-5, 0, 1.0, 1.0), (0.05, 0, 1.0, 100.0), (2.0, 10, 0.9, 0.01), (50.0, 0, 0.5, 1.3),
+    (1e30, 7, 1.0, 1.0),
+])
+def test_the_distribution_matches_a_float64_reference(temperature, top_k, top_p, penalty):
+    from smedjan.infer.sampling import probabilities
+
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, generator=gen) * 8
+    seen = torch.rand(64, generator=gen) < 0.3
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
+    got = probabilities(logits, params, seen)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    want = _reference_probs(logits, temperature, top_k, top_p, penalty, seen)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_non_finite_logits_fail_that_sequence_with_a_clear_error():
+    from smedjan.infer.sampling import SamplingError
+
+    params = SamplingParams(temperature=1.0, seed=0)
+    for bad in (float("nan"), float("inf")):
+        logits = torch.zeros(10)
+        logits[3] = bad
+        with pytest.raises(SamplingError, match="not finite"):
+            sample(logits, params, params.generator())
+    with pytest.raises(SamplingError, match="not finite"):
+        sample(torch.full((10,), -torch.inf), params, params.generator())
+    masked = torch.full((10,), -torch.inf)
+    masked[4] = 1.0  # -inf is a masked token, not an error
+    assert sample(masked, params, params.generator()) == 4
+
+
+@pytest.mark.parametrize("kw,param", [
+    ({"repetition_penalty": 1e-300}, "repetition_penalty"), ({"repetition_penalty": 1e300}, "repetition_penalty"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"), ({"repetition_penalty": float("nan")},
+                                                                     "repetition_penalty"),
+    ({"repetition_penalty": -1.0}, "repetition_penalty"), ({"repetition_penalty": 0.0099}, "repetition_penalty"),
+    ({"repetition_penalty": 100.5}, "repetition_penalty"), ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"), ({"top_p": float("nan")}, "top_p"),
+])
+def test_out_of_range_settings_name_their_parameter(kw, param):
+    from smedjan.infer.sampling import SettingError
+
+    with pytest.raises(SettingError) as e:
+        SamplingParams(**kw)
+    assert e.value.param == param and str(e.value).startswith(param)
+
+
+def test_a_tiny_temperature_generates_the_greedy_text(micro):
+    greedy = run(micro, "ROMEO:", temperature=0, max_new_tokens=20, ignore_eos=True)
+    for t in (2.57e-38, 1e-40):
+        assert run(micro, "ROMEO:", temperature=t, seed=3, max_new_tokens=20, ignore_eos=True).token_ids \
+            == greedy.token_ids

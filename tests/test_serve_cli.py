@@ -59,8 +59,22 @@ def test_generate_reads_the_prompt_from_stdin(trained_checkpoint):
     assert a.code == b.code == 0 and a.out == b.out and a.out
 
 
+def test_generate_at_a_tiny_temperature_is_greedy_not_a_traceback(trained_checkpoint):
+    greedy = smedjan("generate", "-c", trained_checkpoint, "-p", "ROMEO:", "--temperature", "0", "-n", "12")
+    for t in ("1e-40", "2.57e-38"):
+        res = smedjan("generate", "-c", trained_checkpoint, "-p", "ROMEO:", "--temperature", t, "-n", "12")
+        assert res.code == 0 and "Traceback" not in res.err, res
+        assert res.out == greedy.out
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--temperature", "-1"], "temperature"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--repetition-penalty", "0"], "--repetition-penalty"),
+    (["--repetition-penalty", "1e-300"], "--repetition-penalty"),
+    (["--repetition-penalty", "1e300"], "--repetition-penalty"),
+    (["--repetition-penalty", "-2"], "--repetition-penalty"),
+    (["--top-p", "0"], "--top-p"),
     (["--system", "x"], "--system needs --chat"),
     (["--dtype", "int3"], "--dtype"),
     (["--threads", "0"], "--threads"),
@@ -108,3 +122,11 @@ def test_help_lists_every_flag_with_its_default(name, flags):
     for f in flags:
         assert f in res.out, f
     assert "[default:" in res.out
+
+
+def test_help_states_the_bounds_of_the_sampling_settings():
+    from smedjan.infer.sampling import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE
+
+    out = " ".join(smedjan("generate", "--help", env={"COLUMNS": "250"}).out.split())
+    assert f"below {MIN_TEMPERATURE:g} is greedy" in out
+    assert f"between {MIN_REPETITION_PENALTY:g} and {MAX_REPETITION_PENALTY:g}" in out

@@ -21,18 +21,25 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights and KV cache: au
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for the model (default: PyTorch's, "
                                                                      "one per core).")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate per reply.")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 is greedy.")]
+# The numbers in these help texts are smedjan.infer.sampling's bounds (that module
+# imports torch, which --help should not wait for); test_serve_cli checks they agree.
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="Sampling temperature (finite, >= 0); a value "
+                                                                     "below 1e-05 is greedy.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens; 0 is off.")]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Sample among the most likely tokens holding this much "
                                                         "probability; 1 is off.")]
 RepPenaltyOpt = Annotated[float, typer.Option("--repetition-penalty", help="CTRL repetition penalty for tokens "
-                                                                           "already seen; 1 is off.")]
+                                                                           "already seen, between 0.01 and 100; 1 "
+                                                                           "is off.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed, for reproducible sampling "
                                                                "(default: a fresh one).")]
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string: the text ends just before it. "
                                                                      "Repeat for several.")]
 IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end tokens (<|assistant_end|>, "
                                                                  "<|bos|>, ...); for benchmarks.")]
+
+FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+         "repetition_penalty": "--repetition-penalty", "stop": "--stop", "seed": "--seed"}
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "float64": "float64"}
@@ -78,9 +85,14 @@ def load_engine(checkpoint: Path, device: str | None, dtype: str, threads: int |
 
 def sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
              seed: int | None, stop: list[str] | None, ignore_eos: bool):
-    """SamplingParams from the flags (a UserError names the setting that is out of range)."""
+    """SamplingParams from the flags (a UserError names the flag that is out of range)."""
+    from smedjan.errors import UserError
     from smedjan.infer import SamplingParams
+    from smedjan.infer.sampling import SettingError
 
-    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()),
-                          ignore_eos=ignore_eos)
+    try:
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop or ()),
+                              ignore_eos=ignore_eos)
+    except SettingError as e:
+        raise UserError(f"{FLAGS.get(e.param, e.param)} {e.problem}") from None

@@ -42,7 +42,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from smedjan.chat import render
 from smedjan.errors import UserError
 from smedjan.infer.engine import Engine
-from smedjan.infer.sampling import MAX_STOP_STRINGS, SamplingParams
+from smedjan.infer.sampling import (MAX_REPETITION_PENALTY, MAX_STOP_STRINGS, MIN_REPETITION_PENALTY, SamplingParams,
+                                    SettingError)
 from smedjan.infer.worker import QueueFull, Request, Worker
 
 DISCONNECT_POLL_S = 0.5  # how often a request with nothing to send checks that its client is still there
@@ -109,7 +110,8 @@ class _Body(BaseModel):
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
     top_k: Optional[int] = Field(default=None, ge=0)  # extension, as in vLLM and llama.cpp
-    repetition_penalty: Optional[float] = Field(default=None, gt=0)  # extension
+    repetition_penalty: Optional[float] = Field(default=None, ge=MIN_REPETITION_PENALTY,
+                                                le=MAX_REPETITION_PENALTY)  # extension
     seed: Optional[int] = None
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
@@ -353,8 +355,9 @@ def _params(body: _Body, limit: int | None, context: int) -> SamplingParams:
                               temperature=1.0 if body.temperature is None else body.temperature,
                               top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
                               repetition_penalty=body.repetition_penalty or 1.0, seed=body.seed, stop=tuple(stop))
-    except UserError as e:
-        raise APIError(400, str(e)) from None
+    except SettingError as e:
+        param = "max_tokens" if e.param == "max_new_tokens" else e.param
+        raise APIError(400, f"{param} {e.problem}", param=param) from None
 
 
 async def _serve(request: HTTPRequest, worker: Worker, engine: Engine, prompts: list[list[int]],

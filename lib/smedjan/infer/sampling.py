@@ -1,20 +1,33 @@
 """Sampling settings and the next-token choice: repetition penalty, temperature,
 top-k, top-p, and a per-sequence seeded `torch.Generator` so that a seed gives the
-same tokens every time (on any device: sampling always runs on CPU float32 logits).
+same tokens every time (on any device: sampling always runs on CPU logits).
 
 Order, as in Hugging Face `generate`: repetition penalty -> temperature -> top-k ->
-top-p -> sample. Temperature 0 means greedy (argmax after the repetition penalty).
-The repetition penalty is the CTRL paper's (Keskar et al. 2019), as HF defines it:
-for every token already in the sequence (prompt and generated), a positive logit is
-divided by the penalty and a negative one multiplied by it.
+top-p -> sample. The repetition penalty is the CTRL paper's (Keskar et al. 2019), as
+HF defines it: for every token already in the sequence (prompt and generated), a
+positive logit is divided by the penalty and a negative one multiplied by it.
+
+Every accepted setting is numerically safe, whatever a client sends:
+- a temperature below `MIN_TEMPERATURE` (1e-5, vLLM's threshold) is greedy: argmax
+  after the penalty. Dividing by a tinier one only turns float rounding into the
+  choice (2.57e-38 overflowed float32 to inf and then NaN);
+- the penalty is applied and the maximum subtracted in float64, then the temperature
+  divides scores that are all <= 0, so nothing overflows and the best token keeps
+  exp(0) = 1: the softmax (float32, as HF's warpers run) is never NaN;
+- the repetition penalty is bounded to [0.01, 100] (`MIN/MAX_REPETITION_PENALTY`):
+  beyond 100 a seen token is already as good as excluded, and the bounds keep every
+  penalised logit finite; temperature must be finite, top-p in (0, 1];
+- logits that are NaN or +inf (a broken model) raise `SamplingError` for that
+  sequence only.
 
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=1)
     gen = params.generator()
-    token = sample(logits, params, gen, seen)       # logits: float32 [vocab]; seen: bool [vocab]
+    token = sample(logits, params, gen, seen)       # logits: [vocab]; seen: bool [vocab]
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field, replace
 
@@ -23,6 +36,25 @@ import torch
 from smedjan.errors import UserError
 
 MAX_STOP_STRINGS = 16
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+
+
+class SettingError(UserError):
+    """A sampling setting out of range; `param` is its field name (the HTTP API's name
+    too, but max_new_tokens), so a tool can name its own flag instead."""
+
+    def __init__(self, param: str, problem: str):
+        super().__init__(f"{param} {problem}")
+        self.param, self.problem = param, problem
+
+
+class SamplingError(RuntimeError):
+    """The next token of one sequence cannot be drawn (its logits are not finite)."""
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -44,24 +76,29 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
+        p = self
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-             f"max new tokens must be at least 1, got {self.max_new_tokens}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top-k must be >= 0, got {self.top_k}"),
-            (0 < self.top_p <= 1, f"top-p must be in (0, 1], got {self.top_p}"),
-            (self.repetition_penalty > 0, f"repetition penalty must be > 0, got {self.repetition_penalty}"),
-            (len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+            ("max_new_tokens", isinstance(p.max_new_tokens, int) and p.max_new_tokens >= 1,
+             f"must be at least 1, got {p.max_new_tokens}"),
+            ("temperature", _number(p.temperature) and math.isfinite(p.temperature) and p.temperature >= 0,
+             f"must be a finite number >= 0 (below {MIN_TEMPERATURE:g} is greedy), got {p.temperature}"),
+            ("top_k", isinstance(p.top_k, int) and p.top_k >= 0, f"must be an integer >= 0, got {p.top_k}"),
+            ("top_p", _number(p.top_p) and 0 < p.top_p <= 1, f"must be in (0, 1], got {p.top_p}"),
+            ("repetition_penalty", _number(p.repetition_penalty)
+             and MIN_REPETITION_PENALTY <= p.repetition_penalty <= MAX_REPETITION_PENALTY,
+             f"must be between {MIN_REPETITION_PENALTY:g} and {MAX_REPETITION_PENALTY:g} (1 is off), "
+             f"got {p.repetition_penalty}"),
+            ("stop", len(p.stop) <= MAX_STOP_STRINGS, f"takes at most {MAX_STOP_STRINGS} strings"),
+            ("stop", all(isinstance(x, str) and x for x in p.stop), "strings must be non-empty"),
+            ("seed", p.seed is None or isinstance(p.seed, int), f"must be an integer, got {p.seed!r}"),
         ]
-        for ok, msg in checks:
+        for param, ok, problem in checks:
             if not ok:
-                raise UserError(msg)
+                raise SettingError(param, problem)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     def with_(self, **changes) -> "SamplingParams":
         return replace(self, **changes)
@@ -101,13 +138,27 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return out
 
 
+def _scores(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
+    """float64 logits after the repetition penalty, minus their maximum (so <= 0, the best 0)."""
+    x = logits.double()
+    if torch.isnan(x).any() or torch.isposinf(x).any() or torch.isneginf(x).all():
+        raise SamplingError("the model's logits are not finite (NaN, +inf, or every token -inf)")
+    if params.repetition_penalty != 1.0 and seen is not None:
+        x = apply_repetition_penalty(x, seen, params.repetition_penalty)
+    return x - x.max()
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 distribution [vocab] a non-greedy `params` samples from."""
+    x = _scores(logits, params, seen) / params.temperature  # <= 0 (or -inf): exp cannot overflow
+    x = filter_top_k_top_p(x.float(), params.top_k, params.top_p)
+    return torch.softmax(x, -1)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator,
            seen: torch.Tensor | None = None) -> int:
-    """Next token id from CPU logits [vocab] (float32 or float64)."""
-    if params.repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    """Next token id from CPU logits [vocab] (any float dtype). SamplingError if they are
+    not finite."""
     if params.greedy:
-        return int(logits.argmax())
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits.float(), -1)
-    return int(torch.multinomial(probs, 1, generator=gen))
+        return int(_scores(logits, params, seen).argmax())
+    return int(torch.multinomial(probabilities(logits, params, seen), 1, generator=gen))
