@@ -110,8 +110,8 @@ class Engine:
         if bad:
             raise UserError(f"token id {bad[0]} is out of range for a vocabulary of {self.vocab_size}")
 
-    def add(self, seqs: list[Sequence]) -> list[tuple[Sequence, Delta]]:
-        """Prefill `seqs` into free rows and sample their first tokens."""
+    def add(self, seqs: list[Sequence]) -> list[tuple[Sequence, Delta | Exception]]:
+        """Prefill `seqs` into free rows and sample their first tokens (see `_advance`)."""
         if not seqs:
             return []
         if len(seqs) > self.free_slots:
@@ -142,8 +142,8 @@ class Engine:
             self._state[s.id] = (gen, seen, detok, StopText(s.params.stop))
         return self._advance(seqs, logits)
 
-    def step(self) -> list[tuple[Sequence, Delta]]:
-        """Feed every active sequence its last token and sample the next one."""
+    def step(self) -> list[tuple[Sequence, Delta | Exception]]:
+        """Feed every active sequence its last token and sample the next one (see `_advance`)."""
         if not self.active:
             return []
         seqs = list(self.active)
@@ -167,22 +167,24 @@ class Engine:
             self._remove(seq)
 
     # --------------------------------------------------------------- internals
-    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, Delta]]:
-        """Sample one token per sequence from logits [n, vocab] and update its text."""
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, Delta | Exception]]:
+        """Sample one token per sequence from logits [n, vocab] and update its text. A
+        sequence whose sampling or bookkeeping raises is removed and paired with the
+        exception; the others go on."""
         simple = all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs)
         if simple:
             chosen = logits.argmax(-1).tolist()  # one op and one device sync for the whole batch
         else:
             rows = logits.float().cpu()
-            chosen = []
-            for r, s in enumerate(seqs):
-                gen, seen = self._state[s.id][:2]
-                chosen.append(sample(rows[r], s.params, gen, seen))
         out = []
-        for s, t in zip(seqs, chosen):
-            out.append((s, self._accept(s, t)))
+        for r, s in enumerate(seqs):
+            try:  # one request's failure (SamplingError, a bug) must never end another's
+                t = chosen[r] if simple else sample(rows[r], s.params, *self._state[s.id][:2])
+                out.append((s, self._accept(s, t)))
+            except Exception as e:
+                out.append((s, e))
         for s, d in out:
-            if d.finish_reason is not None:
+            if isinstance(d, Exception) or d.finish_reason is not None:
                 self._remove(s)
         return out
 
@@ -243,10 +245,10 @@ class Engine:
             raise RuntimeError("stream() needs an idle engine")
         seq = Sequence(list(prompt_ids), params, tag)
         try:
-            for _, d in self.add([seq]):
+            for _, d in _checked(self.add([seq])):
                 yield d
             while seq.finish_reason is None:
-                for _, d in self.step():
+                for _, d in _checked(self.step()):
                     yield d
         finally:
             self.cancel(seq)
@@ -264,12 +266,20 @@ class Engine:
             while waiting or self.active:
                 if waiting and self.free_slots:
                     batch, waiting = waiting[:self.free_slots], waiting[self.free_slots:]
-                    self.add(batch)
-                self.step()
+                    _checked(self.add(batch))
+                _checked(self.step())
         finally:
             for s in list(self.active):
                 self.cancel(s)
         return [s.completion() for s in done]
+
+
+def _checked(results: list[tuple[Sequence, Delta | Exception]]) -> list[tuple[Sequence, Delta]]:
+    """`results`, raising the exception of a sequence that failed (for callers that own every sequence)."""
+    for _, d in results:
+        if isinstance(d, Exception):
+            raise d
+    return results
 
 
 def _common_prefix(a: Seq[int], b: Seq[int]) -> int:

@@ -8,6 +8,11 @@ thread: it must only hand the item over (a server passes
 `loop.call_soon_threadsafe`). `cancel` may be called from any thread at any time: a
 queued request is dropped at once, a running one loses its row before the next step.
 
+One request's failure never ends another's: a sequence whose sampling raises is failed
+alone by the engine, and requests admitted together whose joint prefill raises are
+retried one by one, so only the one that fails alone gets the error. Only a failure of
+a whole decode step (the device) fails every request in it.
+
     worker = Worker(engine).start()
     req = Request(prompt_ids, SamplingParams(temperature=0), deliver=print)
     worker.submit(req)
@@ -118,7 +123,7 @@ class Worker:
                 for req in admit:
                     self._running[req.seq.id] = req
             if admit:
-                self._run(functools.partial(engine.add, [r.seq for r in admit]), admit)
+                self._admit(admit)
             if engine.active:
                 self._run(engine.step, [self._running[s.id] for s in engine.active if s.id in self._running])
         # shutting down: whoever is still waiting gets an error rather than silence
@@ -129,29 +134,61 @@ class Worker:
         for req in leftovers:
             self._send(req, RuntimeError("the server is shutting down"))
 
+    def _admit(self, admit: list[Request]) -> None:
+        """Prefill the admitted requests together; if that raises before any of them took
+        a row, prefill each alone, so a prompt that fails (or runs out of memory) fails alone."""
+        engine = self.engine
+        if len(admit) == 1:
+            self._run(functools.partial(engine.add, [admit[0].seq]), admit)
+            return
+        try:
+            results = engine.add([r.seq for r in admit])
+        except Exception as e:
+            if any(r.seq in engine.active for r in admit):  # it failed after some took rows: no retry
+                self._fail_all(admit, e)
+            else:
+                for r in admit:
+                    self._run(functools.partial(engine.add, [r.seq]), [r])
+            return
+        self._route(results)
+
     def _run(self, work: Callable[[], list], involved: list[Request]) -> None:
-        """Run an engine call and route its deltas; a failure ends every request it involved."""
+        """Run an engine call and route its results; if the call itself raises, every
+        request it involved fails (a single sequence's failure comes back in the results)."""
         try:
             results = work()
         except Exception as e:  # a bug or a device error: fail these requests, keep serving
-            traceback.print_exc(file=sys.stderr)
-            for req in involved:
-                if req.seq in self.engine.active:
-                    self.engine.cancel(req.seq)
-                with self._cond:
-                    self._running.pop(req.seq.id, None)
-                    req.done = True
-                    self.failed += 1
-                self._send(req, e)
+            self._fail_all(involved, e)
             return
-        for seq, delta in results:
+        self._route(results)
+
+    def _route(self, results: list) -> None:
+        for seq, item in results:
             req = seq.tag
-            if delta.finish_reason is not None:
+            if isinstance(item, Exception):
+                traceback.print_exception(item, file=sys.stderr)  # a bug or a broken model: show the operator
+                self._fail(req, item)
+                continue
+            if item.finish_reason is not None:
                 with self._cond:
                     self._running.pop(seq.id, None)
                     req.done = True
                     self.served += 1
-            self._send(req, delta)
+            self._send(req, item)
+
+    def _fail_all(self, involved: list[Request], e: Exception) -> None:
+        traceback.print_exception(e, file=sys.stderr)
+        for req in involved:
+            if req.seq in self.engine.active:
+                self.engine.cancel(req.seq)
+            self._fail(req, e)
+
+    def _fail(self, req: Request, e: Exception) -> None:
+        with self._cond:
+            self._running.pop(req.seq.id, None)
+            req.done = True
+            self.failed += 1
+        self._send(req, e)
 
     @staticmethod
     def _send(req: Request, item: Delta | Exception) -> None:
