@@ -67,6 +67,13 @@ def test_generate_at_a_tiny_temperature_is_greedy_not_a_traceback(trained_checkp
         assert res.out == greedy.out
 
 
+def test_generate_one_token_reports_no_nan_rate(trained_checkpoint):
+    res = smedjan("generate", "-c", trained_checkpoint, "-p", "ROMEO:", "--temperature", "0", "-n", "1",
+                  "--ignore-eos")
+    assert res.code == 0, res
+    assert "nan" not in res.err.lower() and "1 token," in res.err, res
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--temperature", "-1"], "temperature"),
     (["--temperature", "inf"], "--temperature"),

@@ -80,9 +80,11 @@ def generate(
             reason = d.finish_reason or reason
         if out.isatty():
             out.write("\n")
-        decode_s = time.perf_counter() - first
-        rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
-        log(f"{n} tokens, {rate:.1f} tok/s, finish: {reason}")
+        # The first token comes out of the prefill, so a decode rate needs at least two;
+        # with one there is no rate to report (it printed "nan tok/s").
+        decode_s = time.perf_counter() - first if first is not None else 0.0
+        rate = f", {(n - 1) / decode_s:.1f} tok/s" if n > 1 and decode_s > 0 else ""
+        log(f"{n} token{'' if n == 1 else 's'}{rate}, finish: {reason}")
         return
     results = engine.generate(prompts, params)
     seconds = time.perf_counter() - t0
