@@ -125,8 +125,8 @@ def _check(client, path: str, body: bytes, ctype: str | None, is_json: bool) -> 
         assert obj["choices"] and obj["usage"]["completion_tokens"] >= 1, (r.text, body)
 
 
-FUZZ = settings(max_examples=int(os.environ.get("SMEDJAN_FUZZ_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                        HealthCheck.data_too_large])
+FUZZ = settings(max_examples=int(os.environ.get("SMEDJAN_FUZZ_EXAMPLES", "300")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @FUZZ

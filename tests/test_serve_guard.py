@@ -35,7 +35,7 @@ def _client(micro, **kw) -> TestClient:
 
 @pytest.fixture(scope="module")
 def keyless(micro):
-    with _client(micro, allowed_hosts=["chat.example.org", "10.1.2.3", "[fd00::5]"]) as c:
+    with _client(micro, allowed_hosts=["chat.example.org", "10.1.2.3", "fd00:0::5"]) as c:
         yield c
 
 
@@ -51,11 +51,12 @@ def _assert_openai_error(r, status, code):
     assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["code"] == code
 
 
-LOOPBACK = ["localhost", "LOCALHOST", "localhost:8000", "127.0.0.1", "127.0.0.1:65535", "[::1]", "[::1]:8000"]
+LOOPBACK = ["localhost", "LOCALHOST", "localhost:8000", "127.0.0.1", "127.0.0.1:65535", "[::1]", "[::1]:8000",
+            "[0:0:0:0:0:0:0:1]:80"]
 ALLOWED = ["chat.example.org", "Chat.Example.Org:8443", "10.1.2.3:80", "[fd00::5]", "[FD00::5]:9"]
 REFUSED = ["attacker.example", "attacker.example:8000", "localhost.attacker.example", "127.0.0.1.nip.io",
            "127.0.0.2", "[::2]", "::1", "0.0.0.0", "", "localhost:80:80", "localhost:x", "[::1",
-           "[::1]x", "evil.com#@localhost", "localhost@evil.com", "chat.example.org.evil.com", "10.1.2.3.4"]
+           "[::1]x", "evil.com#@localhost", "localhost@evil.com", "chat.example.org.evil.com", "10.1.2.3.4", "[abc:80]", "[::1%eth0]", "[::ffff:127.0.0.1]"]
 
 
 @pytest.mark.parametrize("host", LOOPBACK + ALLOWED)
@@ -122,3 +123,11 @@ def test_the_web_page_is_served_to_loopback_names_only(keyless):
     r = keyless.get("/", headers={"Host": "localhost:8000"})
     assert r.status_code == 200 and "<title>smedjan chat</title>" in r.text
     assert keyless.get("/", headers={"Host": "rebound.attacker.example:8000"}).status_code == 400
+
+
+@pytest.mark.parametrize("name", ["evil.example:80", "abc:80", "http://evil.example", "", "a b", "[::1", "x/y"])
+def test_an_allowed_host_must_be_a_bare_name_or_address(name):
+    from smedjan.infer.http import normalize_host
+
+    with pytest.raises(ValueError, match="without a port"):
+        normalize_host(name)

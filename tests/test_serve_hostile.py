@@ -77,7 +77,7 @@ def test_attackers_cannot_touch_normal_streams(server):
         path, base = (("/v1/chat/completions", {"messages": USER}) if i % 2 else ("/v1/completions",
                                                                                   {"prompt": "KING HENRY:"}))
         attacks.append((path, {"model": MODEL, "stream": i % 3 == 0, "max_tokens": 64, **base, **fields}, status))
-    for i, literal in enumerate(NAN_ATTACKS):
+    for literal in NAN_ATTACKS:
         raw = '{"model": "%s", "prompt": "HAMLET:", %s}' % (MODEL, literal)
         attacks.append(("/v1/completions", raw.encode(), 400))
     start = threading.Barrier(len(VICTIMS) + len(attacks))
@@ -87,10 +87,8 @@ def test_attackers_cannot_touch_normal_streams(server):
         return _stream(server, *job)
 
     def attacker(job):
-        path, body, status = job
         start.wait()
-        r = _post(server, path, body)
-        return job, r
+        return job, _post(server, job[0], job[1])
 
     with ThreadPoolExecutor(len(VICTIMS) + len(attacks)) as pool:
         victims = pool.map(victim, VICTIMS)
@@ -98,7 +96,7 @@ def test_attackers_cannot_touch_normal_streams(server):
         got = list(victims)
         answers = list(attackers)
     assert got == solo
-    for (path, body, status), r in answers:
+    for (_, body, status), r in answers:
         assert r.status_code == status, (body, r.text)
         if status == 200 and r.headers["content-type"].startswith("text/event-stream"):
             assert r.text.endswith("data: [DONE]\n\n") and '"error"' not in r.text, (body, r.text)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import re
 import time
@@ -54,21 +55,32 @@ _HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::[0-9]*)?")
 _NAME = re.compile(r"\[[0-9a-f:.]+\]|[a-z0-9_.-]+")
 
 
+def _canonical(host: str) -> str | None:
+    """IPv6 addresses in brackets in their compressed form, as browsers write them; None if invalid."""
+    if not host.startswith("["):
+        return host
+    try:
+        return f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]"
+    except ValueError:
+        return None
+
+
 def normalize_host(name: str) -> str:
     """An --allowed-host value as the guard compares it: lower case, IPv6 in brackets,
     no port (a name is allowed on every port). ValueError if it is not a host name."""
     n = name.strip().lower()
     if ":" in n and not n.startswith("["):
         n = f"[{n}]"  # a bare IPv6 address
-    if not _NAME.fullmatch(n):
+    canonical = _canonical(n) if _NAME.fullmatch(n) else None
+    if canonical is None:
         raise ValueError(f"{name!r} is not a host name or address (give it without a port)")
-    return n
+    return canonical
 
 
 def host_of(header: str) -> str | None:
     """The host name of a Host header, lower case and without the port; None if malformed."""
     m = _HOST.fullmatch(header.strip().lower())
-    return m.group(1) if m else None
+    return _canonical(m.group(1)) if m else None
 
 
 def is_json_type(content_type: str) -> bool:
