@@ -1,7 +1,8 @@
 """The web chat page at / in headless Chromium (Debian's `chromium` + `chromium-driver`,
 driven by selenium): type a message, see the streamed answer appear, and it is the
-server's answer. Chromium is installed with apt-get when missing; the test skips, with
-the reason, only if that is impossible."""
+server's answer; with an API key, and on a keyless server, whose Host and Content-Type
+checks the page's own requests must pass. Chromium is installed with apt-get when
+missing; the test skips, with the reason, only if that is impossible."""
 
 from __future__ import annotations
 
@@ -58,18 +59,27 @@ def browser(chromium):
 
 
 @pytest.fixture(scope="module")
-def server(trained_checkpoint, tmp_path_factory):
-    ckpt = long_context_copy(trained_checkpoint, tmp_path_factory.mktemp("web") / "micro.bin", 1024)
-    srv = Server(ckpt, "--api-key", API_KEY)
+def checkpoint(trained_checkpoint, tmp_path_factory):
+    return long_context_copy(trained_checkpoint, tmp_path_factory.mktemp("web") / "micro.bin", 1024)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    srv = Server(checkpoint, "--api-key", API_KEY)
     yield srv
     srv.close()
 
 
-def test_the_page_streams_the_servers_answer(browser, server, trained_checkpoint):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
+@pytest.fixture(scope="module")
+def keyless_server(checkpoint):
+    """No key: the page's own requests must pass the Host and Content-Type checks."""
+    srv = Server(checkpoint)
+    yield srv
+    srv.close()
 
+
+@pytest.fixture(scope="module")
+def expected(trained_checkpoint):
     from smedjan.chat import render
     from smedjan.infer import Engine, SamplingParams
     from smedjan.model import load_model
@@ -77,15 +87,24 @@ def test_the_page_streams_the_servers_answer(browser, server, trained_checkpoint
     model, tok, _ = load_model(trained_checkpoint)
     engine = Engine(model, tok)
 
-    def expected(messages):
+    def answer(messages):
         ids = render(tok, messages, add_generation_prompt=True).ids
         return engine.generate([ids], SamplingParams(temperature=0, max_new_tokens=40))[0].text
+
+    return answer
+
+
+def _open(browser, server, key: str | None):
+    """The page, with the model named, temperature 0 and 40 tokens; returns ask(text) -> reply."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(browser, 120)
     browser.get(server.url + "/")
     assert browser.title == "smedjan chat"
-    key = browser.find_element(By.ID, "api-key")
-    key.send_keys(API_KEY, Keys.TAB)  # the page reads /v1/models with the key once it changes
+    if key is not None:
+        browser.find_element(By.ID, "api-key").send_keys(key, Keys.TAB)  # the page reads /v1/models once it changes
     wait.until(lambda d: "micro.bin" in d.find_element(By.ID, "model").text)
     for field, value in (("temperature", "0"), ("max-tokens", "40")):
         box = browser.find_element(By.ID, field)
@@ -101,6 +120,11 @@ def test_the_page_streams_the_servers_answer(browser, server, trained_checkpoint
         assert not browser.find_elements(By.CSS_SELECTOR, ".msg.error")
         return browser.execute_script("return arguments[0].textContent", reply)
 
+    return ask
+
+
+def test_the_page_streams_the_servers_answer(browser, server, expected):
+    ask = _open(browser, server, API_KEY)
     first = ask("Good morrow, cousin")
     assert first == expected([{"role": "user", "content": "Good morrow, cousin"}]) and first
     # The page sends the whole conversation: the second answer depends on the first.
@@ -108,3 +132,9 @@ def test_the_page_streams_the_servers_answer(browser, server, trained_checkpoint
     assert second == expected([{"role": "user", "content": "Good morrow, cousin"},
                                {"role": "assistant", "content": first}, {"role": "user", "content": "What news?"}])
     assert server.health()["active"] == 0
+
+
+def test_the_page_works_on_a_keyless_server(browser, keyless_server, expected):
+    ask = _open(browser, keyless_server, None)
+    reply = ask("Good morrow, cousin")
+    assert reply == expected([{"role": "user", "content": "Good morrow, cousin"}]) and reply
