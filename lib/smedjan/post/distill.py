@@ -98,7 +98,7 @@ def student_config(a: DistillArgs, teacher_cfg, init_ck):
 
 def run(a: DistillArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]:
     """Check every input, distil, write --output; returns (summary, TrainResult)."""
-    from smedjan.cli import log
+    from smedjan.console import log
     from smedjan.data.loader import Loader, n_sequential_batches
     from smedjan.formats.checkpoint import load_checkpoint
     from smedjan.formats.tokens import TokenFile, check_tokenizer_match

@@ -154,7 +154,7 @@ def pair_logps(model, pairs: list[TokPair], batch_size: int, device, amp=None, r
                world_size: int = 1, ctx=None, show: str | None = None) -> torch.Tensor:
     """float64 [N, 2] on the CPU: summed log-probs of each pair's chosen and rejected reply.
     Under DDP each rank scores its share and `ctx` sums them. `show`: a progress label."""
-    from smedjan.cli import progress
+    from smedjan.console import progress
 
     was_training = model.training
     model.eval()
@@ -313,7 +313,7 @@ def _load_pairs(a: DpoArgs, tok, max_len: int, max_prompt_len: int):
 
 def run(a: DpoArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]:
     """Check every input, score the reference once, train, write --output; returns (summary, TrainResult)."""
-    from smedjan.cli import log
+    from smedjan.console import log
     from smedjan.model import model_from_checkpoint
     from smedjan.post.run import (base_summary, check_common, load_chat_model_checkpoint, resolve_steps,
                                   setup_device, train_model)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from smedjan.cli import log, warn
+from smedjan.console import log, warn
 from smedjan.errors import UserError
 
 
@@ -181,7 +181,7 @@ def train_model(tool: str, a: PostArgs, model, tok, cfg, source, loss_fn, steps:
     if ctx.is_main:
         if warmup >= steps:
             warn(f"--warmup {warmup} >= {steps} steps: the learning rate never reaches --lr")
-        log(f"model: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), context "
+        log(f"model: {cfg.describe()}, context "
             f"{cfg.max_seq_len}: {cfg.n_params():,} parameters; device {ctx.device}"
             f"{' x ' + str(ctx.world_size) if ctx.enabled else ''}, {'bf16 autocast' if amp else 'fp32'}"
             + (f"; resuming at step {trainer.step}" if resumed is not None else ""))

@@ -143,7 +143,7 @@ class SftArgs(PostArgs):
 
 def run(a: SftArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]:
     """Check every input, fine-tune, write --output; returns (summary, TrainResult)."""
-    from smedjan.cli import log
+    from smedjan.console import log
     from smedjan.model import model_from_checkpoint
     from smedjan.post.batching import split_indices
     from smedjan.post.formats import load_conversations

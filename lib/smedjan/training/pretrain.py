@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from smedjan.cli import log, warn
+from smedjan.console import log, warn
 from smedjan.errors import UserError
 from smedjan.model import ModelConfig, Transformer
 from smedjan.training.schedule import Schedule
@@ -98,21 +98,20 @@ def lm_loss(model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict]:
 
 # ---------------------------------------------------------------------------- config
 def _pre_yarn_len(cfg: ModelConfig) -> int:
-    return cfg.rope_original_max_seq_len if cfg.rope_scaling == "yarn" else cfg.max_seq_len
+    return cfg.rope.original_max_seq_len if cfg.rope.scaling == "yarn" else cfg.max_seq_len
 
 
 def apply_yarn(cfg: ModelConfig, factor: float, where: str) -> ModelConfig:
     """cfg with its context extended `factor` times by YaRN (idempotent for the same factor)."""
     if factor < 1.0:
         raise UserError(f"--yarn-scale {factor} must be >= 1")
-    if factor == 1.0 or (cfg.rope_scaling == "yarn" and cfg.rope_factor == factor):
+    if factor == 1.0 or (cfg.rope.scaling == "yarn" and cfg.rope.factor == factor):
         return cfg
-    if cfg.rope_scaling != "none":
-        raise UserError(f"{where}: the model already uses {cfg.rope_scaling} RoPE scaling (factor "
-                        f"{cfg.rope_factor}); --yarn-scale cannot be stacked on it")
-    return dataclasses.replace(cfg, rope_scaling="yarn", rope_factor=factor,
-                               rope_original_max_seq_len=cfg.max_seq_len,
-                               max_seq_len=int(round(cfg.max_seq_len * factor)))
+    if cfg.rope.scaling != "none":
+        raise UserError(f"{where}: the model already uses {cfg.rope.scaling} RoPE scaling (factor "
+                        f"{cfg.rope.factor}); --yarn-scale cannot be stacked on it")
+    return cfg.replace(rope_scaling="yarn", rope_factor=factor, rope_original_max_seq_len=cfg.max_seq_len,
+                       max_seq_len=int(round(cfg.max_seq_len * factor)))
 
 
 def config_from_flags(a: TrainArgs, vocab_size: int, max_seq_len: int) -> ModelConfig:
@@ -124,8 +123,7 @@ def config_from_flags(a: TrainArgs, vocab_size: int, max_seq_len: int) -> ModelC
         if missing:
             raise UserError(f"--size custom needs {', '.join(missing)}")
         return ModelConfig.custom(vocab_size, dim=a.dim, n_layers=a.layers, n_heads=a.heads,
-                                  ffn_mult=a.ffn_mult if a.ffn_mult is not None else 8 / 3,
-                                  n_kv_heads=a.kv_heads or 0, **common)
+                                  ffn_mult=a.ffn_mult, n_kv_heads=a.kv_heads or 0, **common)
     shape = [f"--{n.replace('_', '-')}" for n in ("dim", "layers", "heads", "ffn_mult") if getattr(a, n) is not None]
     if shape:
         raise UserError(f"{', '.join(shape)} only apply to --size custom (--size {size} is a preset)")
@@ -151,7 +149,7 @@ def model_config_for(a: TrainArgs, vocab_size: int, base: ModelConfig | None, ba
         want = apply_yarn(base, a.yarn_scale, base_path)
         from smedjan.training.state import config_diff
 
-        diff = config_diff(want, dataclasses.replace(cfg, preset=want.preset))
+        diff = config_diff(want, cfg.replace(preset=want.preset))
         if diff:
             raise UserError(f"{base_path}: its model differs from --size {a.size} and the architecture flags "
                             f"({'; '.join(diff[:3])}); leave out --size to use the checkpoint's config")
@@ -212,17 +210,16 @@ def make_evaluator(val_tf, batch_size: int, seq_len: int, max_tokens: int, byte_
 def make_sampler(tokenizer, max_new: int = 48, temperature: float = 1.0, top_k: int = 50):
     """sampler(model, step) -> text generated from BOS (own generator seeded by the step,
     so sampling never moves the training RNG streams)."""
-    from smedjan.model import KVCache
 
     def sample(model, step: int) -> str:
         dev = model.head_weight.device
         n = min(max_new, model.cfg.max_seq_len - 1)
-        cache = KVCache(model.cfg, 1, n + 1, dev, model.head_weight.dtype)
+        state = model.new_state(1, n + 1)
         gen = torch.Generator(device="cpu").manual_seed(step)
         ids = [tokenizer.bos_id]
         tok = torch.tensor([ids], device=dev)
         for pos in range(n):
-            logits = model.logits(model.hidden(tok, cache=cache, pos=pos))[0, -1].float().cpu()
+            logits = model(tok, state=state, start=pos)[0, -1].float().cpu()
             v, i = torch.topk(logits / temperature, min(top_k, logits.numel()))
             nxt = int(i[torch.multinomial(torch.softmax(v, -1), 1, generator=gen)])
             ids.append(nxt)
@@ -372,7 +369,7 @@ def run(a: TrainArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, "obje
     if ctx.is_main:
         if a.warmup >= steps:
             warn(f"--warmup {a.warmup} >= {steps} steps: the learning rate never reaches --lr")
-        log(f"model: {cfg.preset} dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), "
+        log(f"model: {cfg.preset} {cfg.describe()}, "
             f"context {cfg.max_seq_len}: {cfg.n_params():,} parameters ({cfg.n_params(embedding=False):,} "
             f"non-embedding)")
         log(f"data: {train_tf.n_tokens:,} tokens; {tokens_per_step:,} tokens/step ({a.batch_size} x {a.seq_len} x "
