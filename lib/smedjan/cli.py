@@ -66,7 +66,10 @@ def _option_params(cls) -> list[inspect.Parameter]:
     """typer parameters for the fields of dataclass `cls` (see `smedjan.options.option`)."""
     hints = typing.get_type_hints(cls)
     params = []
-    for f in dataclasses.fields(cls):
+    # required options first (the inputs a tool reads), then the rest in declaration order
+    fields = sorted(dataclasses.fields(cls),
+                    key=lambda f: f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
+    for f in fields:
         if not f.init or f.metadata.get("cli") is False:
             continue
         t = hints[f.name]
@@ -130,8 +133,10 @@ def tool(name: str, options: type | None = None) -> Callable[[Callable], Callabl
                 raise typer.Exit(0) from None
 
         if sig is not None:
+            # typer reads the parameters from the signature and their types from __annotations__
             wrapper.__signature__ = sig
-            del wrapper.__wrapped__  # typer must read the generated signature, not fn's
+            wrapper.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()}
+            del wrapper.__wrapped__
         return wrapper
 
     return decorate
