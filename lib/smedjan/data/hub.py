@@ -43,7 +43,7 @@ from smedjan.errors import UserError
 
 PREFIX = "hf://"
 DEFAULT_REVISION = "main"
-INSTALL = "pip install 'smedjan[hub]'"
+INSTALL = 'pip install -e ".[hub]" (in the smedjan folder)'
 FORM = "hf://datasets/OWNER/NAME[@REVISION]/GLOB"
 _URL = re.compile(r"hf://datasets/(?P<owner>[^/@]*)/(?P<name>[^/@]*)(?:@(?P<rev>[^/]*))?(?:/(?P<glob>.*))?\Z", re.S)
 _REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
@@ -164,15 +164,12 @@ def _hf(what: str):
 
 def cache_dir() -> Path:
     """The hub cache (HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)."""
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
+    return Path(_hf("the Hugging Face hub cache").constants.HF_HUB_CACHE)
 
 
 def offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
+    """HF_HUB_OFFLINE (as huggingface_hub read it when imported)."""
+    return bool(_hf("the Hugging Face hub").constants.HF_HUB_OFFLINE)
 
 
 def _repo_dir(repo_id: str) -> Path:
@@ -251,8 +248,27 @@ class HubFile:
         except Exception as e:
             if not _is_network_error(e):
                 raise
-            raise UserError(f"{self}: download failed ({_short(e)}); run again to resume it") from None
+            raise UserError(f"{self}: download failed ({_short(e)}); run again when the hub is reachable to "
+                            "resume it") from None
         return Path(got)
+
+
+def unreachable(repo_id: str, sha: str) -> str | None:
+    """Why the hub cannot be asked about `repo_id` now (offline, no connection), or None."""
+    hf = _hf(repo_id)
+    if offline():
+        return "HF_HUB_OFFLINE is set"
+    from huggingface_hub import errors as E
+
+    try:
+        hf.HfApi().dataset_info(repo_id, revision=sha)
+    except E.HfHubHTTPError:  # it answered: whatever is wrong, the tool will say
+        return None
+    except Exception as e:
+        if not _is_network_error(e):
+            raise
+        return f"the hub is unreachable ({_short(e)})"
+    return None
 
 
 def read(f: HubFile, reader: Callable[[Path], Iterator[T]]) -> Iterator[T]:
@@ -438,6 +454,9 @@ def resolve(text: str) -> Resolved:
         seen = "" if complete else " (offline, only the files in the hub cache are seen)"
         raise UserError(f"{text}: matches no .txt, .jsonl or .parquet file of {url.repo_id} at commit "
                         f"{sha[:12]}{seen}")
+    if not complete:
+        note(f"{text}: listed offline from the hub cache: {len(files)} file(s) of commit {sha[:12]}, which may "
+             "lack files never downloaded")
     return Resolved(url, sha, files, complete)
 
 
