@@ -1,7 +1,8 @@
 """A local stand-in for the Hugging Face hub (HF_ENDPOINT=mock.url): dataset repositories
 with branches and commits, answering the three calls smedjan makes (dataset_info,
 list_repo_tree, hf_hub_download's HEAD + ranged GET) as the hub does, errors included
-(X-Error-Code). `requests` records every path asked for, so tests can see the network use.
+(X-Error-Code), ranged requests, and a connection lost mid-download (`cut_after`).
+`requests` records every path asked for, so tests can see the network use.
 
     hub = MockHub()
     hub.add("org/corpus", "a" * 40, {"data/train.parquet": data})
@@ -22,6 +23,8 @@ class MockHub:
     def __init__(self):
         self.repos: dict[str, dict] = {}
         self.requests: list[str] = []
+        self.ranges: list[str] = []  # Range headers of file downloads (a resumed download sends one)
+        self.cut_after: int | None = None  # the next file download breaks off after this many bytes
         self._server: ThreadingHTTPServer | None = None
 
     def add(self, repo_id: str, sha: str, files: dict[str, bytes], ref: str | None = "main") -> None:
@@ -97,12 +100,18 @@ class MockHub:
         start = 0
         rng = h.headers.get("Range")
         if rng and rng.startswith("bytes="):
+            if not head:
+                self.ranges.append(rng)
             start = int(rng[6:].split("-")[0] or 0)
         headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
                    "Content-Length": str(len(data) - start)}
         if start:
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        self._send(h, 206 if start else 200, b"" if head else data[start:], headers, head=head)
+        body = b"" if head else data[start:]
+        if not head and self.cut_after is not None:  # a connection lost mid-transfer
+            body, self.cut_after = body[: self.cut_after], None
+            h.close_connection = True
+        self._send(h, 206 if start else 200, body, headers, head=head)
 
     @staticmethod
     def _send(h, status: int, body: bytes, headers: dict, head: bool = False) -> None:

@@ -174,6 +174,37 @@ def test_online_through_a_stand_in_hub(local, tokenizer_path, tmp_path):
     assert_user_error(res, "cannot reach the hub", "nobody/nothing")
 
 
+def test_a_download_cut_off_resumes_where_it_stopped(tokenizer_path, tmp_path):
+    """The connection drops mid-file: huggingface_hub asks for the rest only (it keeps what it
+    received in whole chunks of DOWNLOAD_CHUNK_SIZE, so the file is larger than one chunk)."""
+    import hashlib
+
+    from huggingface_hub import constants
+
+    rng = np.random.default_rng(0)
+    texts = [rng.bytes(4000).hex() for _ in range(3000)]  # 24 MB that does not compress
+    local = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": texts}), local, compression="none", row_group_size=64)
+    data = local.read_bytes()
+    assert len(data) > constants.DOWNLOAD_CHUNK_SIZE + 2_000_000
+    home = tmp_path / "hf"
+    hub = MockHub()
+    hub.add(REPO, SHA1, {"data/train-00000.parquet": data})
+    hub.cut_after = cut = constants.DOWNLOAD_CHUNK_SIZE + 1_000_000
+    with hub:
+        env = {**hub_env(home, offline=False), "HF_ENDPOINT": hub.url}
+        res = smedjan("prepare", "-i", f"hf://datasets/{REPO}/data/*.parquet", "-t", tokenizer_path, "-o",
+                      tmp_path / "t.bin", "--max-docs", "3", env=env)
+    assert res.code == 0, res
+    assert len(hub.ranges) == 1, (hub.ranges, res.err)
+    start = int(hub.ranges[0].removeprefix("bytes=").split("-")[0])
+    assert 0 < start <= cut  # only the rest was asked for again
+    blob = home / "hub" / f"datasets--{REPO.replace('/', '--')}" / "blobs" / hashlib.sha256(data).hexdigest()
+    assert blob.read_bytes() == data
+    ref = smedjan("prepare", "-i", local, "-t", tokenizer_path, "-o", tmp_path / "r.bin", "--max-docs", "3")
+    assert ref.code == 0 and tokens(tmp_path / "t.bin").tolist() == tokens(tmp_path / "r.bin").tolist()
+
+
 def test_parse_and_glob():
     u = parse("hf://datasets/HuggingFaceFW/fineweb-edu@refs%2Fconvert%2Fparquet/sample/10BT/*.parquet")
     assert (u.repo_id, u.revision, u.glob) == ("HuggingFaceFW/fineweb-edu", "refs/convert/parquet",

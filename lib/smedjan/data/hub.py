@@ -13,8 +13,9 @@ in it is written percent-encoded (`@refs%2Fconvert%2Fparquet`), as `HfFileSystem
   commit's listing under the hub's assets folder, so a pinned or already resolved input
   is listed again without the network.
 - **Downloaded on first use**: `HubFile.fetch` downloads a file into the hub cache with
-  `hf_hub_download` (progress bar; an interrupted download resumes), or returns the
-  cached copy without any network call. Readers fetch a file only when they reach it, so
+  `hf_hub_download` (progress bar; a dropped connection resumes where it stopped; a
+  stopped run keeps the files it finished), or returns the cached copy without any
+  network call. Readers fetch a file only when they reach it, so
   `--max-docs`/`--max-chars` caps download only what they read.
 - **Offline** (`HF_HUB_OFFLINE=1`, or the hub unreachable): a branch resolves to the
   commit cached in `refs/`, and a commit never listed online is listed from the files in
@@ -231,7 +232,7 @@ class HubFile:
         return p if p.is_file() else None
 
     def fetch(self) -> Path:
-        """The local copy: from the hub cache, else downloaded into it (resumable)."""
+        """The local copy: from the hub cache, else downloaded into it."""
         hf = _hf(str(self))
         local = self.cached()
         if local is not None:
@@ -248,8 +249,8 @@ class HubFile:
         except Exception as e:
             if not _is_network_error(e):
                 raise
-            raise UserError(f"{self}: download failed ({_short(e)}); run again when the hub is reachable to "
-                            "resume it") from None
+            raise UserError(f"{self}: download failed ({_short(e)}); run again when the hub is reachable "
+                            "(files already downloaded are kept)") from None
         return Path(got)
 
 
