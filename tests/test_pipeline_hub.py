@@ -66,6 +66,7 @@ def texts() -> list[str]:
                                         max_chars=60_000)]
 
 
+@pytest.mark.slow
 def test_hub_corpus_is_locked_and_reruns_only_on_a_new_revision_or_glob(tmp_path, texts):
     root = tmp_path / "proj"
     (root / "pipelines").mkdir(parents=True)

@@ -134,6 +134,7 @@ def test_hub_errors_are_one_line_exit_2_nothing_written(case, hf_home, tokenizer
         assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_online_through_a_stand_in_hub(local, tokenizer_path, tmp_path):
     """Resolve a branch, download into the cache, then run again without asking for anything
     but the branch; pinned to the commit, not even that. Unknown datasets and an unreachable
@@ -174,6 +175,7 @@ def test_online_through_a_stand_in_hub(local, tokenizer_path, tmp_path):
     assert_user_error(res, "cannot reach the hub", "nobody/nothing")
 
 
+@pytest.mark.slow
 def test_a_download_cut_off_resumes_where_it_stopped(tokenizer_path, tmp_path):
     """The connection drops mid-file: huggingface_hub asks for the rest only (it keeps what it
     received in whole chunks of DOWNLOAD_CHUNK_SIZE, so the file is larger than one chunk)."""
