@@ -189,8 +189,9 @@ from pathlib import Path  # noqa: E402
 
 InputsOpt = Annotated[
     list[str],
-    typer.Option("--input", "-i", help="Corpus file, folder or glob (.txt, .jsonl, .parquet, optionally .zst/.gz). "
-                 "Repeat for several."),
+    typer.Option("--input", "-i", help="Corpus file, folder or glob (.txt, .jsonl, .parquet, optionally .zst/.gz), "
+                 "or files of a dataset on the Hugging Face hub: hf://datasets/OWNER/NAME[@REVISION]/GLOB "
+                 "(downloaded into the hub cache on first use; the `hub` extra). Repeat for several."),
 ]
 TextFieldOpt = Annotated[str, typer.Option("--text-field", help="JSONL field that holds the text.")]
 TextColumnOpt = Annotated[str, typer.Option("--text-column", help="Parquet column that holds the text.")]
@@ -200,6 +201,9 @@ TxtSplitOpt = Annotated[
 ]
 MaxCharsOpt = Annotated[
     Optional[int], typer.Option("--max-chars", help="Read at most this many characters of the corpus (all if unset).")
+]
+MaxDocsOpt = Annotated[
+    Optional[int], typer.Option("--max-docs", help="Read at most this many documents of the corpus (all if unset).")
 ]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Worker processes (default: all cores).")]
 TokenizerOpt = Annotated[Path, typer.Option("--tokenizer", "-t", help="tokenizer.bin to use.")]
