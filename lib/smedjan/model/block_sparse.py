@@ -49,12 +49,13 @@ def block_select_mask(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, blo
     Hkv, S = k.shape[1], k.shape[2]
     nb = -(-S // block)
     pad = nb * block - S
-    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(B, Hkv, nb, block, d)
-    counts = torch.full((nb,), float(block), device=k.device)
+    wide = torch.promote_types(q.dtype, torch.float32)  # scores in at least float32
+    kf = torch.nn.functional.pad(k.to(wide), (0, 0, 0, pad)).view(B, Hkv, nb, block, d)
+    counts = torch.full((nb,), float(block), device=k.device, dtype=wide)
     counts[-1] = block - pad
     pooled = kf.sum(3) / counts[:, None]  # [B, Hkv, nb, d]
     pooled = pooled.repeat_interleave(H // Hkv, dim=1)  # [B, H, nb, d]
-    scores = q.float() @ pooled.transpose(-1, -2)  # [B, H, T, nb]
+    scores = q.to(wide) @ pooled.transpose(-1, -2)  # [B, H, T, nb]
     q_block = (q_pos // block)[..., None]  # [T, 1] or [B, T, 1]
     blocks = torch.arange(nb, device=q.device)
     earlier = blocks < q_block  # [T, nb] or [B, T, nb]

@@ -141,7 +141,8 @@ class MLA(Mixer):
         q_lat = torch.einsum("bhtn,hnl->bhtl", q_nope, w_uk)
         scores = (torch.einsum("bhtl,bsl->bhts", q_lat, c) + torch.einsum("bhtr,bsr->bhts", q_pe, k_pe)) * self.scale
         mask = causal_mask(ctx.positions(), S, self.window)  # [T, S] or [B, 1, T, S]
-        scores = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(c.dtype)
+        wide = torch.promote_types(scores.dtype, torch.float32)  # softmax in at least float32
+        scores = scores.to(wide).masked_fill(~mask, float("-inf")).softmax(-1).to(c.dtype)
         o_lat = torch.einsum("bhts,bsl->bhtl", scores, c)
         return torch.einsum("bhtl,hvl->bhtv", o_lat, w_uv)
 
