@@ -10,6 +10,12 @@ missing, or when its flags in the TOML changed; then every later stage that read
 it wrote re-runs too (only if the new output differs). This file knows the stage graph
 and nothing about any particular pipeline: add pipelines/NAME.toml and
 `doit pipeline:NAME` exists. SMEDJAN_PIPELINES and SMEDJAN_RUNS point elsewhere.
+
+A corpus on the Hugging Face hub (`hf://datasets/...` in [corpus]) adds the task
+corpus:NAME before the tokenizer: it pins each such input to a commit in
+runs/NAME/corpus.lock.json (asking the hub only for inputs not locked yet, or for every
+branch with SMEDJAN_HUB_UPDATE=1) and says what is cached and what will be downloaded.
+Nothing here touches the network while loading: `doit list` works offline.
 """
 
 import os
@@ -21,7 +27,7 @@ from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from smedjan.errors import UserError
-from smedjan.pipeline import load_pipeline
+from smedjan.pipeline import corpus, load_pipeline
 from smedjan.pipeline.report import chat_instructions, write_report
 from smedjan.pipeline.runner import ran_this_session, run_stage
 
@@ -87,6 +93,33 @@ def _stage_tasks(stage_name):
     return gen
 
 
+def task_corpus():
+    """Pin each pipeline's hub corpus to a commit (runs/NAME/corpus.lock.json); say what it downloads."""
+    for name, pipe in PIPES.items():
+        if not pipe.hub_inputs:
+            continue
+
+        def resolve(p=pipe, n=name):
+            try:
+                lock = corpus.resolve_corpus(p.hub_inputs, p.lock)
+                lines = corpus.plan(lock)
+            except UserError as e:
+                return TaskFailed(f"pipeline {n!r}: {e}")
+            for line in lines:
+                print(f"[{n}:corpus] {line}", file=sys.stderr, flush=True)
+            return None
+
+        yield {
+            "name": name,
+            "doc": f"pin the hub corpus of pipeline {name} to commits",
+            "actions": [resolve],
+            "targets": [str(pipe.lock)],
+            "uptodate": [False],  # cheap when locked; it is where a missing download is announced
+            "clean": [_remove([pipe.lock])],
+            "verbosity": 2,
+        }
+
+
 task_tokenizer = _stage_tasks("tokenizer")
 task_prepare = _stage_tasks("prepare")
 task_train = _stage_tasks("train")
@@ -123,7 +156,8 @@ def task_pipeline():
             "name": name,
             "doc": f"run pipeline {name} ({pipe.path})",
             "actions": [done],
-            "task_dep": [f"{s.name}:{name}" for s in pipe.stages] + [f"report:{name}"],
+            "task_dep": ([f"corpus:{name}"] if pipe.hub_inputs else []) + [f"{s.name}:{name}" for s in pipe.stages]
+            + [f"report:{name}"],
             "uptodate": [False],
             "clean": [_remove([pipe.root])],
             "verbosity": 2,

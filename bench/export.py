@@ -53,25 +53,9 @@ def llama_cpp_decode_tps(path: Path, prompt: list[int], new_tokens: int, threads
 
 
 def smedjan_decode_tps(model: Transformer, prompt_len: int, new_tokens: int, repeat: int) -> float:
-    try:
-        from smedjan.infer import decode_tokens_per_second
-    except ImportError:  # before smedjan.infer existed: a plain KV-cache greedy loop
-        decode_tokens_per_second = None
-    if decode_tokens_per_second is not None:
-        return decode_tokens_per_second(model, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeat)
-    from smedjan.model import KVCache
+    from smedjan.infer import decode_tokens_per_second
 
-    best = 0.0
-    with torch.no_grad():
-        for _ in range(repeat):
-            cache = KVCache(model.cfg, 1, prompt_len + new_tokens, "cpu", torch.float32)
-            logits = model(torch.randint(0, model.cfg.vocab_size, (1, prompt_len)), cache=cache, pos=0)
-            t0 = time.perf_counter()
-            for i in range(new_tokens - 1):
-                nxt = logits[:, -1].argmax(-1, keepdim=True)
-                logits = model(nxt, cache=cache, pos=prompt_len + i)
-            best = max(best, (new_tokens - 1) / (time.perf_counter() - t0))
-    return best
+    return decode_tokens_per_second(model, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeat)
 
 
 def main() -> None:

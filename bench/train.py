@@ -30,10 +30,11 @@ from smedjan.training.bench import FixedBatches, SmedjanRunner, interleave, medi
 class RefRunner:
     def __init__(self, cfg: ModelConfig, batch_size: int, seq_len: int, device: torch.device, seed: int = 0,
                  amp_dtype: torch.dtype | None = None):
-        assert cfg.n_kv_heads == cfg.n_heads and cfg.tie_embeddings
+        a = cfg.attention
+        assert a.n_kv_heads == a.n_heads and cfg.tie_embeddings
         torch.manual_seed(seed)
         self.device, self.amp_dtype = device, amp_dtype
-        self.model = RefGPT(cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.ffn_hidden, seq_len).to(device)
+        self.model = RefGPT(cfg.vocab_size, cfg.dim, cfg.n_layers, a.n_heads, cfg.ffn.hidden, seq_len).to(device)
         assert sum(p.numel() for p in self.model.parameters()) == cfg.n_params(), "reference must match in size"
         self.opt = make_optimizer(self.model)
         self.source = FixedBatches(cfg.vocab_size, batch_size, seq_len, seed=seed)

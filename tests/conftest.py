@@ -52,7 +52,7 @@ def trained_checkpoint(tmp_path_factory, tokenizer) -> Path:
 
     text = "".join(c.text for c in iter_chunks([DATA / "pretrain" / "tinyshakespeare.txt.zst"], max_chars=400_000))
     data = torch.tensor(np.array(tokenizer.encode(text), dtype=np.int64))
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+    cfg = ModelConfig.make(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                       max_seq_len=256, preset="custom")
     torch.manual_seed(0)
     model = Transformer(cfg)

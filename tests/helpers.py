@@ -39,3 +39,29 @@ def assert_user_error(res: Result, *needles: str) -> None:
     assert len(lines) == 1, res
     for n in needles:
         assert n in lines[0], (n, res)
+
+
+def hub_cache_dataset(hf_home: Path, repo_id: str, sha: str, files: dict[str, bytes], ref: str | None = "main") -> Path:
+    """Lay `files` out as huggingface_hub caches dataset `repo_id` at commit `sha`, under
+    $HF_HOME/hub: blobs/<sha256>, snapshots/<sha>/<path> linking to its blob, refs/<ref>."""
+    import hashlib
+
+    repo = hf_home / "hub" / ("datasets--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    for path, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = repo / "snapshots" / sha / path
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    if ref:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(sha)
+    return repo
+
+
+def hub_env(hf_home: Path, offline: bool = True) -> dict:
+    """Environment for a tool run against the hub cache in `hf_home` (offline unless told)."""
+    env = {"HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env["HF_HUB_OFFLINE"] = "1" if offline else "0"
+    return env

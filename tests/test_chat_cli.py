@@ -129,11 +129,16 @@ def test_a_conversation_keeps_its_history_until_reset(trained_checkpoint, engine
     term.expect(re.escape(PROMPT))
     first = reply(engine, [{"role": "user", "content": "Good morrow"}], 12)
     assert term.say("Good morrow") == shown(first)
-    history = [{"role": "user", "content": "Good morrow"}, {"role": "assistant", "content": first.text},
-               {"role": "user", "content": "What news?"}]
-    second = reply(engine, history, 12)
-    assert second.text != reply(engine, history[-1:], 12).text  # the history changes the answer
-    assert term.say("What news?") == shown(second)
+    # a follow-up whose answer the history changes (a micro model often answers alike)
+    for follow in ("What news?", "And then?", "Tell me more.", "Why so?", "Who art thou?"):
+        history = [{"role": "user", "content": "Good morrow"}, {"role": "assistant", "content": first.text},
+                   {"role": "user", "content": follow}]
+        second = reply(engine, history, 12)
+        if second.text != reply(engine, history[-1:], 12).text:
+            break
+    else:
+        raise AssertionError("no follow-up's answer depends on the history")
+    assert term.say(follow) == shown(second)
     assert "(conversation cleared)" in term.say("/reset")
     assert term.say("Good morrow") == shown(first)
     term.type("\x04")  # Ctrl-D at the prompt

@@ -118,12 +118,12 @@ def test_load_model_runs_and_names_bad_tensors(saved, tmp_path):
     idx = torch.randint(0, cfg.vocab_size, (1, 7))
     torch.testing.assert_close(loaded(idx), model(idx))
     state = model.state_dict()
-    state["layers.0.attention.wq.weight"] = state["layers.0.attention.wq.weight"][:-1]
+    state["layers.0.mixer.wq.weight"] = state["layers.0.mixer.wq.weight"][:-1]
     bad = tmp_path / "bad.bin"
     save_checkpoint(bad, state, kind=C.KIND_MODEL, config=cfg, tokenizer=tok)
-    with pytest.raises(UserError, match="layers.0.attention.wq.weight"):
+    with pytest.raises(UserError, match="layers.0.mixer.wq.weight"):
         load_model(bad)
-    del state["layers.0.attention.wq.weight"]
+    del state["layers.0.mixer.wq.weight"]
     save_checkpoint(bad, state, kind=C.KIND_MODEL, config=cfg, tokenizer=tok)
-    with pytest.raises(UserError, match="missing tensor 'layers.0.attention.wq.weight'"):
+    with pytest.raises(UserError, match="missing tensor 'layers.0.mixer.wq.weight'"):
         load_model(bad)

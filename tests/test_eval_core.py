@@ -43,7 +43,7 @@ def make_task(kind: str, items: list[dict], shots: int = 0, delim: str = " ", ba
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2, max_seq_len=128)
+    cfg = ModelConfig.make(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2, max_seq_len=128)
     return Transformer(cfg).eval()
 
 

@@ -31,7 +31,7 @@ def val_file(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(1)
-    return Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2,
+    return Transformer(ModelConfig.make(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2,
                                    max_seq_len=64)).eval()
 
 

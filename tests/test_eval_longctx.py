@@ -95,7 +95,7 @@ def test_same_seed_same_prompts(tokenizer, corpus):
     from smedjan.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2,
+    model = Transformer(ModelConfig.make(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2,
                                     max_seq_len=128)).eval()
 
     def cells(seed):

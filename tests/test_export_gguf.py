@@ -101,7 +101,13 @@ def test_tokenizer_is_embedded(gguf_files, tokenizer):
     assert merges[0] == f"{token_to_str(tokenizer.tokens[a])} {token_to_str(tokenizer.tokens[b])}"
     assert field(r, "tokenizer.ggml.bos_token_id") == ([V.UINT32], sp[C.BOS])
     assert field(r, "tokenizer.ggml.eos_token_id") == ([V.UINT32], sp[C.ASSISTANT_END])
-    assert field(r, "tokenizer.ggml.eot_token_id") == ([V.UINT32], sp[C.ASSISTANT_END])
+    # every smedjan end token sits in one of llama.cpp's end-of-generation keys
+    eog = {k: field(r, f"tokenizer.ggml.{k}_token_id")[1] for k in ("eos", "eot", "eom", "fim_pad", "fim_rep",
+                                                                     "fim_sep")}
+    assert eog["eot"] == sp[C.BOS]
+    from smedjan.tokenizer.specials import end_ids
+
+    assert set(eog.values()) == end_ids(tokenizer) and len(set(eog.values())) == 6
     assert field(r, "tokenizer.ggml.padding_token_id") == ([V.UINT32], sp[C.PAD])
     assert field(r, "tokenizer.ggml.add_bos_token") == ([V.BOOL], True)
     assert field(r, "tokenizer.ggml.add_eos_token") == ([V.BOOL], False)
@@ -142,7 +148,7 @@ def test_blocks_equal_both_reference_quantizers(gguf_files, trained_checkpoint, 
     r = GGUFReader(gguf_files[q])
     state = load_checkpoint(trained_checkpoint).model_state()
     t = next(t for t in r.tensors if t.name == "blk.1.attn_k.weight")
-    wk = permute_rope_rows(state["layers.1.attention.wk.weight"].numpy(), n_heads=2)
+    wk = permute_rope_rows(state["layers.1.mixer.wk.weight"].numpy(), n_heads=2)
     assert list(t.shape) == [64, 32]  # GGUF lists ne0 (the row length) first
     stored = np.asarray(t.data).tobytes()
     assert stored == Q.quantize(wk, qtype).tobytes()
@@ -153,10 +159,10 @@ def test_qk_rows_are_permuted_for_llama_cpp_rope(gguf_files, trained_checkpoint)
     r = GGUFReader(gguf_files["f32"])
     state = load_checkpoint(trained_checkpoint).model_state()
     data = {t.name: np.asarray(t.data) for t in r.tensors}
-    wq, wk = state["layers.0.attention.wq.weight"].numpy(), state["layers.0.attention.wk.weight"].numpy()
+    wq, wk = state["layers.0.mixer.wq.weight"].numpy(), state["layers.0.mixer.wk.weight"].numpy()
     assert np.array_equal(data["blk.0.attn_q.weight"], permute_rope_rows(wq, 4))
     assert np.array_equal(unpermute_rope_rows(data["blk.0.attn_k.weight"], 2), wk)
-    assert np.array_equal(data["blk.0.attn_v.weight"], state["layers.0.attention.wv.weight"].numpy())
+    assert np.array_equal(data["blk.0.attn_v.weight"], state["layers.0.mixer.wv.weight"].numpy())
     assert not np.array_equal(data["blk.0.attn_q.weight"], wq)
 
 
@@ -209,7 +215,7 @@ def test_hf_folder_falls_back_to_f16_with_a_warning(shared_data, tmp_path):
 @pytest.fixture(scope="module")
 def small(tokenizer, tmp_path_factory):
     """A random one-layer model and its state, for building broken checkpoints quickly."""
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=1, n_heads=2, max_seq_len=64, preset="custom")
+    cfg = ModelConfig.make(vocab_size=tokenizer.vocab_size, dim=64, n_layers=1, n_heads=2, max_seq_len=64, preset="custom")
     torch.manual_seed(0)
     return cfg, Transformer(cfg).state_dict()
 
@@ -243,22 +249,22 @@ def test_cli_refuses_tokenizer_of_another_vocabulary(shared_data, tokenizer_path
 def test_cli_refuses_misshapen_tensor(small, tokenizer, tmp_path):
     cfg, state = small
     bad = dict(state)
-    bad["layers.0.feed_forward.w3.weight"] = torch.zeros(cfg.ffn_hidden, cfg.dim + 1)
+    bad["layers.0.ffn.w3.weight"] = torch.zeros(cfg.ffn.hidden, cfg.dim + 1)
     ck = tmp_path / "bad.bin"
     save_checkpoint(ck, bad, kind=C.KIND_MODEL, config=cfg, tokenizer=tokenizer)
     res = smedjan("export-gguf", "-c", ck, "-o", tmp_path / "out.gguf", "-q", "q4_0")
-    assert_user_error(res, str(ck), "layers.0.feed_forward.w3.weight", "(256, 65)")
+    assert_user_error(res, str(ck), "layers.0.ffn.w3.weight", "(256, 65)")
     _no_output(tmp_path)
 
 
 @pytest.mark.parametrize("how,needle", [
     ("missing", "missing tensor 'norm.weight'"),
-    ("extra", "unexpected tensor 'layers.9.attention.wq.weight'"),
-    ("int8", "'layers.0.attention.wv.weight' has dtype int8"),
-    ("float64", "'layers.0.attention.wv.weight' has dtype float64"),
+    ("extra", "unexpected tensor 'layers.9.mixer.wq.weight'"),
+    ("int8", "'layers.0.mixer.wv.weight' has dtype int8"),
+    ("float64", "'layers.0.mixer.wv.weight' has dtype float64"),
     ("nan", "'tok_embeddings.weight' holds NaN"),
-    ("window", "sliding_window=16"),
-    ("yarn_beta", "yarn_beta_fast"),
+    ("window", "16-token sliding window"),
+    ("yarn_beta", "yarn beta_fast"),
     ("other_tokenizer", "--tokenizer is"),
     ("truncated", "corrupt or truncated"),
     ("quant", "--quant 'q5_1' is unknown"),
@@ -271,16 +277,16 @@ def test_refusals_name_the_problem(small, tokenizer, tmp_path, how, needle):
     if how == "missing":
         del state["norm.weight"]
     elif how == "extra":
-        state["layers.9.attention.wq.weight"] = torch.zeros(2)
+        state["layers.9.mixer.wq.weight"] = torch.zeros(2)
     elif how in ("int8", "float64"):
-        state["layers.0.attention.wv.weight"] = state["layers.0.attention.wv.weight"].to(getattr(torch, how))
+        state["layers.0.mixer.wv.weight"] = state["layers.0.mixer.wv.weight"].to(getattr(torch, how))
     elif how == "nan":
         state["tok_embeddings.weight"] = state["tok_embeddings.weight"].clone()
         state["tok_embeddings.weight"][3, 5] = float("nan")
     elif how == "window":
-        cfg = ModelConfig(**{**cfg.to_dict(), "sliding_window": 16})
+        cfg = cfg.replace(sliding_window=16)
     elif how == "yarn_beta":
-        cfg = ModelConfig(**{**cfg.to_dict(), "rope_scaling": "yarn", "rope_factor": 2.0, "yarn_beta_fast": 16.0})
+        cfg = cfg.replace(rope_scaling="yarn", rope_factor=2.0, yarn_beta_fast=16.0)
     elif how == "other_tokenizer":
         # same vocabulary size, another split: another fingerprint
         t2 = tmp_path / "t2.bin"

@@ -27,7 +27,7 @@ from smedjan.data.sources import expand_inputs, iter_chunks
 from smedjan.export.gguf import export_gguf
 from smedjan.formats import constants as C
 from smedjan.formats.checkpoint import save_checkpoint
-from smedjan.model import KVCache, ModelConfig, Transformer, load_model
+from smedjan.model import ModelConfig, Transformer, load_model
 
 GGML_F32 = 0  # ggml_type for type_k / type_v: keep llama.cpp's KV cache in float32
 
@@ -150,7 +150,7 @@ def test_gpt2_split_tokenizes_like_llama_cpp(shared_data, tmp_path):
 
     d = shared_data / "tokenizer" / "gpt2_hf"
     tok = from_gpt2_files(d / "vocab.json", d / "merges.txt")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, max_seq_len=64, preset="custom")
+    cfg = ModelConfig.make(vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, max_seq_len=64, preset="custom")
     ck, out = tmp_path / "gpt2.bin", tmp_path / "gpt2.gguf"
     save_checkpoint(ck, Transformer(cfg).state_dict(), kind=C.KIND_MODEL, config=cfg, tokenizer=tok)
     export_gguf(ck, out, quant="f32")
@@ -172,15 +172,15 @@ def test_f32_logits_match(llm_f32, ggufs, micro):
 
 
 def greedy_ours(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding with the model's KV cache: one forward per new token."""
-    cache = KVCache(model.cfg, 1, len(prompt) + n, "cpu", torch.float32)
+    """Greedy decoding with the model's decode state: one forward per new token."""
+    state = model.new_state(1, len(prompt) + n)
     out: list[int] = []
     with torch.no_grad():
-        logits = model(torch.tensor([prompt]), cache=cache, pos=0)
+        logits = model(torch.tensor([prompt]), state=state)
         for _ in range(n):
             nxt = int(logits[0, -1].argmax())
             out.append(nxt)
-            logits = model(torch.tensor([[nxt]]), cache=cache, pos=len(prompt) + len(out) - 1)
+            logits = model(torch.tensor([[nxt]]), state=state, start=len(prompt) + len(out) - 1)
     return out
 
 
@@ -274,8 +274,8 @@ def sharp_random_model(cfg: ModelConfig, seed=0) -> Transformer:
     model = Transformer(cfg)
     with torch.no_grad():
         for layer in model.layers:
-            layer.attention.wq.weight.mul_(25)
-            layer.attention.wk.weight.mul_(25)
+            layer.mixer.wq.weight.mul_(25)
+            layer.mixer.wk.weight.mul_(25)
     return model.eval()
 
 
@@ -285,7 +285,7 @@ def test_rope_scaling_logits_match(tokenizer, tmp_path, scaling):
                                           "rope_original_max_seq_len": 32}
     if scaling == "llama3":
         extra.update(rope_theta=500000.0)
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=1, n_heads=2, n_kv_heads=1,
+    cfg = ModelConfig.make(vocab_size=tokenizer.vocab_size, dim=64, n_layers=1, n_heads=2, n_kv_heads=1,
                       max_seq_len=128, preset="custom", **extra)
     model = sharp_random_model(cfg)
     ck, out = tmp_path / "r.bin", tmp_path / "r.gguf"
@@ -296,13 +296,13 @@ def test_rope_scaling_logits_match(tokenizer, tmp_path, scaling):
     theirs = llama_logits(open_llama(out, n_ctx=128, type_k=GGML_F32, type_v=GGML_F32), ids)
     assert rel_err(ours, theirs) < 1e-4, scaling
     if scaling != "none":  # the scaling changes the logits by far more than the tolerance
-        plain = Transformer(ModelConfig(**{**cfg.to_dict(), "rope_scaling": "none", "rope_factor": 1.0}))
+        plain = Transformer(cfg.replace(rope_scaling="none", rope_factor=1.0))
         plain.load_state_dict(model.state_dict())
         assert rel_err(ours, ours_logits(plain.eval(), ids)) > 1e-2
 
 
 def test_hf_folder_without_tokenizer_runs_on_token_ids(shared_data, tmp_path):
-    from smedjan.export.source import load_source
+    from smedjan.export.load import load_source
 
     folder = shared_data / "model" / "tiny-random-llama"
     out = tmp_path / "tiny.gguf"
@@ -324,8 +324,8 @@ def test_hf_folder_with_tokenizer_json_exports_like_its_checkpoint(trained_check
     holds the same tokenizer and the same tensor bytes as the checkpoint's own export."""
     from gguf import GGUFReader
 
-    from smedjan.export.hf import export_hf
-    from smedjan.export.source import load_source
+    from smedjan.export.hf_write import export_hf
+    from smedjan.export.load import load_source
 
     export_hf(load_source(trained_checkpoint), tmp_path / "hf")
     export_gguf(tmp_path / "hf", tmp_path / "from-hf.gguf", quant="q4_0")

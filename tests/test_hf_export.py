@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from helpers import assert_user_error, smedjan
 from smedjan.chat import CHAT_TEMPLATE, render
 from smedjan.errors import UserError
-from smedjan.export.hf import export_hf
-from smedjan.export.source import load_source
+from smedjan.export.hf_write import export_hf
+from smedjan.export.load import load_source
 from smedjan.formats import constants as C
 from smedjan.formats.checkpoint import save_checkpoint
 from smedjan.model import ModelConfig, Transformer, load_model
@@ -41,7 +41,9 @@ def test_folder_contents(hf_dir, tokenizer):
     tc = json.loads((hf_dir / "tokenizer_config.json").read_text())
     assert tc["chat_template"] == CHAT_TEMPLATE and (tc["bos_token"], tc["eos_token"]) == (C.BOS, C.ASSISTANT_END)
     gen = json.loads((hf_dir / "generation_config.json").read_text())
-    assert gen["eos_token_id"] == tokenizer.specials[C.ASSISTANT_END]
+    from smedjan.tokenizer.specials import end_ids
+
+    assert gen["eos_token_id"] == sorted(end_ids(tokenizer))  # transformers stops where smedjan stops
     with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys() and "model.layers.1.mlp.down_proj.weight" in f.keys()
 
@@ -73,15 +75,15 @@ def sharp(cfg: ModelConfig) -> Transformer:
     model = Transformer(cfg)
     with torch.no_grad():
         for layer in model.layers:
-            layer.attention.wq.weight.mul_(25)
-            layer.attention.wk.weight.mul_(25)
+            layer.mixer.wq.weight.mul_(25)
+            layer.mixer.wk.weight.mul_(25)
         model.tok_embeddings.weight.mul_(20)
     return model.eval()
 
 
 @pytest.mark.parametrize("scaling", ["linear", "ntk", "yarn", "llama3"])
 def test_rope_scaling_maps_to_transformers(tokenizer, tmp_path, scaling):
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=256,
+    cfg = ModelConfig.make(vocab_size=tokenizer.vocab_size, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=256,
                       rope_scaling=scaling, rope_factor=4.0, rope_original_max_seq_len=32, tie_embeddings=False,
                       yarn_beta_fast=16.0, preset="custom")
     model = sharp(cfg)
@@ -93,14 +95,14 @@ def test_rope_scaling_maps_to_transformers(tokenizer, tmp_path, scaling):
     with torch.no_grad():
         ours, theirs = model(ids), hf(ids).logits
     assert (ours - theirs).abs().max().item() < 1e-4, scaling
-    plain = Transformer(ModelConfig(**{**cfg.to_dict(), "rope_scaling": "none", "rope_factor": 1.0}))
+    plain = Transformer(cfg.replace(rope_scaling="none", rope_factor=1.0))
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert (plain.eval()(ids) - ours).abs().max().item() > 1e-2  # the scaling is really exercised
 
 
 def test_bf16_checkpoint_stays_bf16(tokenizer, tmp_path):
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=1, n_heads=2, preset="custom")
+    cfg = ModelConfig.make(vocab_size=tokenizer.vocab_size, dim=64, n_layers=1, n_heads=2, preset="custom")
     state = {k: v.to(torch.bfloat16) for k, v in sharp(cfg).state_dict().items()}
     ck = tmp_path / "bf16.bin"
     save_checkpoint(ck, state, kind=C.KIND_MODEL, config=cfg, tokenizer=tokenizer)
@@ -108,14 +110,14 @@ def test_bf16_checkpoint_stays_bf16(tokenizer, tmp_path):
     assert summary["dtype"] == "bfloat16"
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
-        assert torch.equal(f.get_tensor("model.layers.0.self_attn.v_proj.weight"), state["layers.0.attention.wv.weight"])
+        assert torch.equal(f.get_tensor("model.layers.0.self_attn.v_proj.weight"), state["layers.0.mixer.wv.weight"])
 
 
 def test_existing_folder_is_replaced_only_on_success(trained_checkpoint, tokenizer, tmp_path):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=1, n_heads=2, preset="custom")
+    cfg = ModelConfig.make(vocab_size=tokenizer.vocab_size, dim=64, n_layers=1, n_heads=2, preset="custom")
     notok = tmp_path / "notok.bin"
     save_checkpoint(notok, Transformer(cfg).state_dict(), kind=C.KIND_MODEL, config=cfg)
     res = smedjan("export-hf", "--checkpoint", notok, "--output", out)
@@ -132,10 +134,10 @@ def test_refusals(trained_checkpoint, tokenizer, tmp_path):
     (tmp_path / "file").write_text("x")
     res = smedjan("export-hf", "--checkpoint", trained_checkpoint, "--output", tmp_path / "file")
     assert_user_error(res, "not a folder")
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=1, n_heads=2, sliding_window=8,
+    cfg = ModelConfig.make(vocab_size=tokenizer.vocab_size, dim=64, n_layers=1, n_heads=2, sliding_window=8,
                       preset="custom")
     ck = tmp_path / "sw.bin"
     save_checkpoint(ck, Transformer(cfg).state_dict(), kind=C.KIND_MODEL, config=cfg, tokenizer=tokenizer)
-    with pytest.raises(UserError, match="sliding_window=8"):
+    with pytest.raises(UserError, match="8-token sliding window"):
         export_hf(load_source(ck), tmp_path / "sw")
     assert not (tmp_path / "sw").exists()

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Mi
 
 from helpers import assert_user_error, smedjan
 from smedjan.errors import UserError
-from smedjan.export.hf import import_hf
+from smedjan.export.hf_write import import_hf
 from smedjan.formats.checkpoint import load_checkpoint
 from smedjan.model.load import model_from_checkpoint
 
@@ -82,8 +82,8 @@ def test_imported_logits_equal_transformers(tmp_path, case):
     if case in ("bf16", "f16"):
         stored = load_checkpoint(tmp_path / "m.bin").tensors
         raw = load_file(str(folder / "model.safetensors"))
-        assert stored["layers.1.attention.wk.weight"].dtype == hf.dtype
-        assert torch.equal(stored["layers.1.attention.wk.weight"], raw["model.layers.1.self_attn.k_proj.weight"])
+        assert stored["layers.1.mixer.wk.weight"].dtype == hf.dtype
+        assert torch.equal(stored["layers.1.mixer.wk.weight"], raw["model.layers.1.self_attn.k_proj.weight"])
         assert summary["dtype"] == {"bf16": "bfloat16", "f16": "float16"}[case]
 
 
@@ -95,7 +95,7 @@ def test_mistral_sliding_window(tmp_path):
     folder = save_hf(hf, tmp_path / "hf")
     summary, _ = import_hf(folder, tmp_path / "m.bin")
     assert summary["architecture"] == "MistralForCausalLM"
-    assert load_checkpoint(tmp_path / "m.bin").config.sliding_window == 8
+    assert load_checkpoint(tmp_path / "m.bin").config.attention.sliding_window == 8
     ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(2))
     assert (our_logits(tmp_path / "m.bin", ids) - hf_logits(folder, ids)).abs().max().item() < 1e-4
 

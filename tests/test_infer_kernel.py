@@ -24,7 +24,7 @@ def test_gemv_equals_matmul(out, inp, rows):
 
 
 def model(**kw) -> Transformer:
-    cfg = ModelConfig(**{**dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, max_seq_len=64), **kw})
+    cfg = ModelConfig.make(**{**dict(vocab_size=97, dim=64, n_layers=2, n_heads=4, max_seq_len=64), **kw})
     torch.manual_seed(0)
     m = Transformer(cfg).eval()
     with torch.no_grad():

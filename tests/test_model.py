@@ -1,4 +1,4 @@
-"""The model against a plain float64 reference, plus presets, GQA, KV cache, RoPE scaling."""
+"""The model against a plain float64 reference, plus presets, GQA, decode state, RoPE scaling."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from smedjan.model import ModelConfig, Transformer
-from smedjan.model.model import rope_frequencies
+from smedjan.model.rope import rope_frequencies
 
 
 def reference_forward(model: Transformer, idx: torch.Tensor, window: int = 0) -> torch.Tensor:
@@ -17,8 +17,8 @@ def reference_forward(model: Transformer, idx: torch.Tensor, window: int = 0) ->
     cfg = model.cfg
     W = {k: v.double() for k, v in model.state_dict().items()}
     B, T = idx.shape
-    hd, H, Hkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-    inv_freq, mscale = rope_frequencies(cfg)
+    hd, H, Hkv = cfg.attention.head_dim, cfg.attention.n_heads, cfg.attention.n_kv_heads
+    inv_freq, mscale = rope_frequencies(cfg.rope, hd, cfg.max_seq_len)
 
     def rms(x, w):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.norm_eps) * w
@@ -35,10 +35,10 @@ def reference_forward(model: Transformer, idx: torch.Tensor, window: int = 0) ->
     x = W["tok_embeddings.weight"][idx]  # [B, T, dim]
     for layer in range(cfg.n_layers):
         p = f"layers.{layer}."
-        h = rms(x, W[p + "attention_norm.weight"])
-        q = (h @ W[p + "attention.wq.weight"].T).view(B, T, H, hd)
-        k = (h @ W[p + "attention.wk.weight"].T).view(B, T, Hkv, hd)
-        v = (h @ W[p + "attention.wv.weight"].T).view(B, T, Hkv, hd)
+        h = rms(x, W[p + "mixer_norm.weight"])
+        q = (h @ W[p + "mixer.wq.weight"].T).view(B, T, H, hd)
+        k = (h @ W[p + "mixer.wk.weight"].T).view(B, T, Hkv, hd)
+        v = (h @ W[p + "mixer.wv.weight"].T).view(B, T, Hkv, hd)
         att = torch.zeros(B, T, H, hd, dtype=torch.float64)
         for b in range(B):
             for head in range(H):
@@ -51,11 +51,11 @@ def reference_forward(model: Transformer, idx: torch.Tensor, window: int = 0) ->
                         if j > i or (window and i - j >= window):
                             scores[i, j] = -math.inf
                 att[b, :, head] = torch.softmax(scores, -1) @ v[b, :, kvh]
-        x = x + att.reshape(B, T, H * hd) @ W[p + "attention.wo.weight"].T
+        x = x + att.reshape(B, T, H * hd) @ W[p + "mixer.wo.weight"].T
         h = rms(x, W[p + "ffn_norm.weight"])
-        g = h @ W[p + "feed_forward.w1.weight"].T
-        u = h @ W[p + "feed_forward.w3.weight"].T
-        x = x + (g * torch.sigmoid(g) * u) @ W[p + "feed_forward.w2.weight"].T
+        g = h @ W[p + "ffn.w1.weight"].T
+        u = h @ W[p + "ffn.w3.weight"].T
+        x = x + (g * torch.sigmoid(g) * u) @ W[p + "ffn.w2.weight"].T
     x = rms(x, W["norm.weight"])
     head = W["tok_embeddings.weight"] if cfg.tie_embeddings else W["output.weight"]
     return x @ head.T
@@ -64,7 +64,7 @@ def reference_forward(model: Transformer, idx: torch.Tensor, window: int = 0) ->
 def small_cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, max_seq_len=64)
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig.make(**base)
 
 
 @pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2}, {"n_kv_heads": 1, "tie_embeddings": False},
@@ -81,7 +81,7 @@ def test_forward_matches_float64_reference(kw):
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
     idx = torch.randint(0, cfg.vocab_size, (2, 9))
-    ref = reference_forward(model, idx, cfg.sliding_window)
+    ref = reference_forward(model, idx, cfg.attention.sliding_window)
     got64 = model.double()(idx)
     torch.testing.assert_close(got64, ref, rtol=1e-10, atol=1e-10)
     got32 = model.float()(idx)
@@ -114,8 +114,8 @@ def test_max_preset_is_six_and_a_half_billion():
 
 
 def test_ffn_hidden_rounds_up_to_256():
-    assert ModelConfig.from_preset("small", 8192).ffn_hidden == 768  # 8/3 * 256 = 682.7
-    assert ModelConfig.custom(8192, dim=1024, n_layers=2, n_heads=8, ffn_mult=4).ffn_hidden == 4096
+    assert ModelConfig.from_preset("small", 8192).ffn.hidden == 768  # 8/3 * 256 = 682.7
+    assert ModelConfig.custom(8192, dim=1024, n_layers=2, n_heads=8, ffn_mult=4).ffn.hidden == 4096
 
 
 def test_kv_cache_decoding_equals_full_forward():
@@ -124,13 +124,11 @@ def test_kv_cache_decoding_equals_full_forward():
     model = Transformer(cfg).double().eval()
     idx = torch.randint(0, 97, (3, 12))
     full = model(idx)
-    from smedjan.model import KVCache
-
-    cache = KVCache(cfg, 3, 32, "cpu", torch.float64)
-    out = [model(idx[:, :5], cache=cache, pos=0)]  # prefill
-    out.append(model(idx[:, 5:8], cache=cache, pos=5))  # a chunk
+    state = model.new_state(3, 32)
+    out = [model(idx[:, :5], state=state, start=0)]  # prefill
+    out.append(model(idx[:, 5:8], state=state, start=5))  # a chunk
     for t in range(8, 12):  # single steps
-        out.append(model(idx[:, t:t + 1], cache=cache, pos=t))
+        out.append(model(idx[:, t:t + 1], state=state, start=t))
     torch.testing.assert_close(torch.cat(out, 1), full, rtol=1e-10, atol=1e-10)
 
 
@@ -139,10 +137,8 @@ def test_kv_cache_with_sliding_window():
     cfg = small_cfg(sliding_window=4)
     model = Transformer(cfg).double().eval()
     idx = torch.randint(0, 97, (1, 10))
-    from smedjan.model import KVCache
-
-    cache = KVCache(cfg, 1, 16, "cpu", torch.float64)
-    steps = [model(idx[:, :3], cache=cache, pos=0)] + [model(idx[:, t:t + 1], cache=cache, pos=t) for t in range(3, 10)]
+    state = model.new_state(1, 16)
+    steps = [model(idx[:, :3], state=state)] + [model(idx[:, t:t + 1], state=state, start=t) for t in range(3, 10)]
     torch.testing.assert_close(torch.cat(steps, 1), model(idx), rtol=1e-10, atol=1e-10)
 
 
@@ -163,10 +159,10 @@ def test_rope_scaling_matches_transformers(kind, hf_type, extra):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     factor, dim, heads, theta = 4.0, 64, 2, 10000.0
-    cfg = ModelConfig(vocab_size=10, dim=dim, n_heads=heads, n_layers=1, rope_theta=theta, rope_scaling=kind,
-                      rope_factor=factor, rope_original_max_seq_len=extra.get("original_max_position_embeddings", 0),
+    cfg = ModelConfig.make(vocab_size=10, dim=dim, n_heads=heads, n_layers=1, rope_theta=theta, rope_scaling=kind,
+                           rope_factor=factor, rope_original_max_seq_len=extra.get("original_max_position_embeddings", 0),
                       max_seq_len=2048)
-    ours, mscale = rope_frequencies(cfg)
+    ours, mscale = rope_frequencies(cfg.rope, cfg.attention.head_dim, cfg.max_seq_len)
     rope = {"rope_type": hf_type, "factor": factor, "rope_theta": theta, **extra}
     hf_cfg = LlamaConfig(hidden_size=dim, num_attention_heads=heads, rope_scaling=rope, rope_theta=theta,
                          max_position_embeddings=2048 if kind != "ntk" else 512)

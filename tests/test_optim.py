@@ -11,7 +11,7 @@ from smedjan.optim import OPTIMIZERS, OptimizerSettings, build_optimizer, param_
 
 
 def model(**kw) -> Transformer:
-    return Transformer(ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, max_seq_len=16, **kw))
+    return Transformer(ModelConfig.make(vocab_size=97, dim=32, n_layers=2, n_heads=4, max_seq_len=16, **kw))
 
 
 def by_role(groups):

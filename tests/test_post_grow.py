@@ -50,7 +50,8 @@ def test_small_to_medium_preset(tmp_path):
     state = Transformer(cfg).state_dict()
     state = {k: v * (1 + 0.3 * torch.randn(v.shape)) if v.ndim == 1 else v for k, v in state.items()}
     dst = grown_config(cfg, "medium")
-    assert (dst.dim, dst.n_layers, dst.n_heads, dst.n_kv_heads, dst.head_dim) == (512, 12, 8, 8, 64)
+    a = dst.attention
+    assert (dst.dim, dst.n_layers, a.n_heads, a.n_kv_heads, a.head_dim) == (512, 12, 8, 8, 64)
     assert dst.norm_eps == pytest.approx(cfg.norm_eps / 2)
     a, b = logits_pair(cfg, state, dst, dtype=torch.float32, T=24)
     assert (a - b).abs().max() <= 1e-4 * a.abs().max()
@@ -66,8 +67,8 @@ def test_new_capacity_gets_gradients(trained_checkpoint):
     model(idx[:, :-1], idx[:, 1:]).backward()
     emb = model.tok_embeddings.weight.grad
     assert emb[:, 64:].abs().sum() > 0  # new residual dims get gradient
-    assert model.layers[1].attention.wo.weight.grad.abs().sum() > 0  # the identity block's writers
-    assert model.layers[1].feed_forward.w2.weight.grad.abs().sum() > 0
+    assert model.layers[1].mixer.wo.weight.grad.abs().sum() > 0  # the identity block's writers
+    assert model.layers[1].ffn.w2.weight.grad.abs().sum() > 0
 
 
 def test_grow_cli_and_train_init_continues(trained_checkpoint, tokenizer, tokenizer_path, tmp_path_factory, tmp_path):
@@ -127,9 +128,9 @@ def test_grow_garbage_checkpoint(tmp_path):
 
 
 def test_grow_state_checks_itself():
-    cfg = ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=2)
+    cfg = ModelConfig.make(vocab_size=300, dim=32, n_layers=2, n_heads=2)
     with pytest.raises(UserError, match="layers 2 -> 1"):
         grow_state(Transformer(cfg).state_dict(), cfg, grown_config(cfg, "custom", layers=1))
-    wide_ffn = ModelConfig(vocab_size=300, dim=64, n_layers=1, n_heads=4, ffn_hidden=768)
+    wide_ffn = ModelConfig.make(vocab_size=300, dim=64, n_layers=1, n_heads=4, ffn_hidden=768)
     with pytest.raises(UserError, match="FFN hidden size 768 -> 512"):
         grow_state(Transformer(wide_ffn).state_dict(), wide_ffn, grown_config(wide_ffn, "custom", dim=128, heads=8))

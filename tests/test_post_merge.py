@@ -73,20 +73,20 @@ def test_merging_a_model_with_itself_keeps_its_logits(variants, tmp_path):
 
 def test_mismatched_inputs_are_refused(variants, tmp_path, tokenizer):
     ck = load_checkpoint(variants[0])
-    import dataclasses
 
     from smedjan.model import Transformer
 
-    wide = dataclasses.replace(ck.config, ffn_hidden=512)
+    wide = ck.config.replace(ffn_hidden=512)
     save_checkpoint(tmp_path / "wide.bin", Transformer(wide).state_dict(), kind=C.KIND_MODEL, config=wide,
                     tokenizer=ck.tokenizer)
     cfg = ck.config
     other = other_tokenizer_checkpoint(tokenizer, tmp_path / "other.bin", dim=cfg.dim, n_layers=cfg.n_layers,
-                                       n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, max_seq_len=cfg.max_seq_len)
+                                       n_heads=cfg.attention.n_heads, n_kv_heads=cfg.attention.n_kv_heads,
+                                       max_seq_len=cfg.max_seq_len)
     out = tmp_path / "out" / "m.bin"
     out.parent.mkdir()
     assert_user_error(smedjan("merge", variants[0], tmp_path / "wide.bin", "-o", out),
-                      "wide.bin", "model config differs", "ffn_hidden 256 vs 512")
+                      "wide.bin", "model config differs", "ffn.hidden 256 vs 512")
     assert_user_error(smedjan("merge", variants[0], other, "-o", out), "other.bin", "tokenizer")
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint at all")
     assert_user_error(smedjan("merge", variants[0], tmp_path / "junk.bin", "-o", out), "junk.bin")

@@ -32,7 +32,7 @@ def no_chat_checkpoint(tokenizer, path):
 
     n = tokenizer.vocab_size - len(tokenizer.specials)
     plain = Tokenizer(tokenizer.tokens[:n] + [C.BOS.encode()], tokenizer.merges, {C.BOS: n})
-    cfg = ModelConfig(vocab_size=plain.vocab_size, dim=32, n_layers=1, n_heads=2, max_seq_len=64)
+    cfg = ModelConfig.make(vocab_size=plain.vocab_size, dim=32, n_layers=1, n_heads=2, max_seq_len=64)
     save_checkpoint(path, Transformer(cfg).state_dict(), kind=C.KIND_MODEL, config=cfg, tokenizer=plain)
     return path
 
@@ -46,7 +46,7 @@ def other_tokenizer_checkpoint(tokenizer, path, **cfg_kw):
 
     other = Tokenizer(tokenizer.tokens, tokenizer.merges, tokenizer.specials, pattern="gpt2")
     assert other.fingerprint != tokenizer.fingerprint and other.has_chat_tokens
-    cfg = ModelConfig(vocab_size=other.vocab_size, **{"dim": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 64,
+    cfg = ModelConfig.make(vocab_size=other.vocab_size, **{"dim": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 64,
                                                       **cfg_kw})
     save_checkpoint(path, Transformer(cfg).state_dict(), kind=C.KIND_MODEL, config=cfg, tokenizer=other)
     return path

@@ -99,11 +99,50 @@ def test_val_input_and_default_fraction(corpus, docs, tokenizer, tokenizer_path,
     assert len(split_docs(t)) == len(docs)
     # --val-output alone: 1% of the documents by default
     res = smedjan("prepare", "-i", corpus, "-t", tokenizer_path, "-o", t, "--val-output", v, "--json")
+    assert res.code == 0, res
     n_val = sum(is_val_doc(0, i, 0.01) for i in range(len(docs)))
     if n_val:
-        assert res.code == 0 and json.loads(res.out)["val_documents"] == n_val
-    else:  # too few documents for 1%: refused, with advice
-        assert_user_error(res, "val split is empty", "--val-fraction")
+        assert json.loads(res.out)["val_documents"] == n_val and json.loads(res.out)["val_split"] == "hash"
+    else:  # too few documents for 1%: the tail of the text instead, said on stderr
+        assert json.loads(res.out)["val_split"] == "tail" and "--txt-split" in res.err
+
+
+def test_one_text_file_gets_its_tail_as_val(tokenizer, tokenizer_path, tmp_path):
+    # The newcomer's first command: one .txt file is one document, too few for any fraction.
+    text = "".join(c.text for c in iter_chunks([DATA / "pretrain" / "tinyshakespeare.txt.zst"], max_chars=200_000))
+    f = tmp_path / "tinyshakespeare.txt"
+    f.write_text(text)
+    outs = []
+    for workers in ("1", "2"):
+        t, v = tmp_path / f"t{workers}.bin", tmp_path / f"v{workers}.bin"
+        res = smedjan("prepare", "--input", f, "-t", tokenizer_path, "--output", t, "--val-output", v,
+                      "--val-fraction", "0.05", "--workers", workers, "--json",
+                      env={"SMEDJAN_PREP_JOB_CHARS": "5000"})
+        assert res.code == 0, res
+        warning = [ln for ln in res.err.splitlines() if "warning:" in ln]
+        assert len(warning) == 1 and "--txt-split" in warning[0] and "last 5%" in warning[0], res.err
+        outs.append((t.read_bytes(), v.read_bytes()))
+    assert outs[0] == outs[1]  # byte-identical for any worker count
+    (train,), (val,) = split_docs(t), split_docs(v)
+    cut = TokenFile.open(v).meta["val_from_char"]
+    head, tail = text[:cut], text[cut:]
+    assert train == [tokenizer.bos_id] + tokenizer.encode(head) and val == [tokenizer.bos_id] + tokenizer.encode(tail)
+    assert head.endswith("\n") and not tail.startswith("\n")  # cut at a line start
+    assert 0.04 * len(text) < len(tail) <= 0.05 * len(text)
+    assert TokenFile.open(t).meta["val_split"] == "tail" and json.loads(res.out)["val_split"] == "tail"
+    # A corpus of a few documents: the hash draws none for val, the tail is cut the same way and
+    # the document the cut falls in is split there.
+    docs = tmp_path / "few.jsonl"
+    docs.write_text("".join(json.dumps({"text": text[i:i + 50_000]}) + "\n" for i in range(0, 200_000, 50_000)))
+    assert not any(is_val_doc(0, i, 0.05) for i in range(4))
+    res = smedjan("prepare", "-i", docs, "-t", tokenizer_path, "-o", t, "--val-output", v, "--val-fraction", "0.05")
+    assert res.code == 0 and "4 document(s) are too few" in res.err and "--txt-split" in res.err, res
+    assert len(split_docs(t)) == 4 and len(split_docs(v)) == 1
+    assert split_docs(v) == [[tokenizer.bos_id] + tokenizer.encode(text[TokenFile.open(v).meta["val_from_char"]:])]
+    # Text too short to split at all: one line, naming what helps.
+    f.write_text("x")
+    res = smedjan("prepare", "--input", f, "-t", tokenizer_path, "--output", t, "--val-output", v)
+    assert_user_error(res, "too few", "--val-input", "--txt-split")
 
 
 def test_txt_split_and_max_chars(tokenizer, tokenizer_path, tmp_path):
@@ -158,6 +197,7 @@ def _bad_inputs(folder, corpus):
 
     pq.write_table(pa.table({"body": ["a", "b"]}), folder / "nocol.parquet")
     (folder / "notparquet.parquet").write_bytes(b"PAR1 not really")
+    (folder / "one.txt").write_text("a")
     return {
         "malformed_json": (["-i", folder / "bad.jsonl"], [f"{folder / 'bad.jsonl'}:3", "malformed JSON"]),
         "missing_field": (["-i", folder / "nofield.jsonl"], [f"{folder / 'nofield.jsonl'}:2", "'text'"]),
@@ -170,8 +210,8 @@ def _bad_inputs(folder, corpus):
         "val_without_output": (["-i", corpus, "--val-fraction", "0.1"], ["--val-output"]),
         "fraction_out_of_range": (["-i", corpus, "--val-output", folder / "v.bin", "--val-fraction", "1.5"],
                                   ["--val-fraction"]),
-        "empty_val_split": (["-i", corpus, "--val-output", folder / "v.bin", "--val-fraction", "0.000001"],
-                            ["val split is empty"]),
+        "empty_val_split": (["-i", folder / "one.txt", "--val-output", folder / "v.bin"],
+                            ["too few", "--val-fraction", "--txt-split"]),
         "bad_txt_split": (["-i", corpus, "--txt-split", "words"], ["--txt-split"]),
         "zero_workers": (["-i", corpus, "--workers", "0"], ["--workers"]),
     }

@@ -16,7 +16,7 @@ def test_compiled_training_matches_eager_and_compiles_once():
 
     torch._dynamo.reset()
     counters.clear()
-    cfg = ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=2, max_seq_len=16)
+    cfg = ModelConfig.make(vocab_size=256, dim=32, n_layers=2, n_heads=2, max_seq_len=16)
     eager = SmedjanRunner(cfg, 2, 16)
     comp = SmedjanRunner(cfg, 2, 16, compile=True)
     le = [eager.trainer.train_step()["loss"] for _ in range(4)]

@@ -198,14 +198,14 @@ def test_architecture_flags_reach_the_model(made, tmp_path):
               "--batch-size", "2", "--seq-len", "16", "--steps", "1", "--checkpoint-dir", out)
     assert res.code == 0, res
     cfg = load_checkpoint(out / "final.bin").config
-    assert (cfg.n_kv_heads, cfg.sliding_window, cfg.rope_theta, cfg.tie_embeddings, cfg.max_seq_len) == (2, 8, 500.0,
-                                                                                                         False, 16)
+    assert (cfg.attention.n_kv_heads, cfg.attention.sliding_window, cfg.rope.theta, cfg.tie_embeddings,
+            cfg.max_seq_len) == (2, 8, 500.0, False, 16)
     out2 = tmp_path / "ck2"
     res = run("--dataset", made["train"], "--tokenizer", made["tok"], "--init", made["final"], "--yarn-scale", "2",
               "--batch-size", "2", "--seq-len", "64", "--steps", "1", "--checkpoint-dir", out2)
     assert res.code == 0, res
     cfg = load_checkpoint(out2 / "final.bin").config
-    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_max_seq_len, cfg.max_seq_len) == ("yarn", 2.0, 32, 64)
+    assert (cfg.rope.scaling, cfg.rope.factor, cfg.rope.original_max_seq_len, cfg.max_seq_len) == ("yarn", 2.0, 32, 64)
 
 
 def test_resume_with_another_batch_or_dataset_is_refused(made, tmp_path):

@@ -20,7 +20,7 @@ from smedjan.training import Schedule, Trainer, TrainerConfig
 from smedjan.training.pretrain import lm_loss
 from smedjan.training.state import list_states, read_train_state
 
-CFG = ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, max_seq_len=16)
+CFG = ModelConfig.make(vocab_size=64, dim=16, n_layers=1, n_heads=2, max_seq_len=16)
 
 
 class Rows:
@@ -144,7 +144,7 @@ def test_a_state_of_another_tool_or_model_is_refused(tmp_path):
     with pytest.raises(UserError, match="state of `smedjan train`, not of `smedjan sft`"):
         make(tmp_path / "x", steps=2, tool="sft").resume(tmp_path / "state_2.bin")
     other = make(tmp_path / "y", steps=2)
-    other.model_config = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=16)
+    other.model_config = ModelConfig.make(vocab_size=64, dim=32, n_layers=1, n_heads=2, max_seq_len=16)
     with pytest.raises(UserError, match="another model config"):
         other.resume(tmp_path / "state_2.bin")
     with pytest.raises(UserError, match="past this run"):

@@ -106,4 +106,4 @@ def test_horizon_precedence_and_formulas():
     steps, how = resolve_horizon(a, cfg, tps)
     assert steps == round(1e15 / (cfg.flops_per_token(256) * tps)) and "flops" in how
     a.steps = 7  # and --steps over both
-    assert resolve_horizon(a, cfg, tps) == (7, "--steps")
+    assert resolve_horizon(a, cfg, tps) == (7, "`steps`")  # the library names parameters

@@ -16,7 +16,7 @@ from smedjan.optim import OptimizerSettings, build_optimizer, param_groups
 from smedjan.training.files import MetricsLog, clean_stale_temps, read_metrics, rotate_states
 from smedjan.training.state import (apply_train_state, list_states, read_train_state, save_train_state)
 
-CFG = ModelConfig(vocab_size=50, dim=16, n_layers=2, n_heads=2, max_seq_len=16)
+CFG = ModelConfig.make(vocab_size=50, dim=16, n_layers=2, n_heads=2, max_seq_len=16)
 
 
 def setup(seed=0, cfg=CFG):
@@ -63,7 +63,7 @@ def test_optimizer_state_is_stored_by_parameter_name_and_restores_exactly(tmp_pa
         step(m, opt, s)
     save(tmp_path / "s.bin", m, opt)
     st = read_train_state(tmp_path / "s.bin", "train")
-    assert "optim.state.layers.1.attention.wq.weight.exp_avg_sq" in st.ck.tensors
+    assert "optim.state.layers.1.mixer.wq.weight.exp_avg_sq" in st.ck.tensors
     assert "optim.state.tok_embeddings.weight.exp_avg" in st.ck.tensors
     ahead = [step(m, opt, s) for s in range(3, 6)]
     m2, opt2 = setup(seed=99)
@@ -78,7 +78,7 @@ def test_state_of_a_different_model_is_refused(tmp_path):
     m, opt = setup()
     step(m, opt, 0)
     save(tmp_path / "s.bin", m, opt)
-    other = ModelConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, max_seq_len=16)
+    other = ModelConfig.make(vocab_size=50, dim=16, n_layers=1, n_heads=2, max_seq_len=16)
     m2, opt2 = setup(cfg=other)
     with pytest.raises(UserError, match="unexpected tensor|missing tensor"):
         apply_train_state(read_train_state(tmp_path / "s.bin", "train"), m2, opt2)

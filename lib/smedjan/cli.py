@@ -1,79 +1,126 @@
-"""Conventions every smedjan tool shares: errors, logs, progress, summaries.
+"""The CLI layer every smedjan tool shares: errors, options from dataclasses, summaries.
 
-- `UserError` (bad input) -> one line `smedjan <tool>: error: ...` on stderr, exit 2.
-  Any other exception is a bug: traceback, exit 1. Ctrl-C -> exit 130.
-- `log()` writes human messages to stderr, so stdout stays clean for `--json`.
-- `progress()` draws a rich progress bar on a terminal and prints plain, timestamped
-  lines otherwise (logs, CI, pipes), at most every `SMEDJAN_LOG_INTERVAL` seconds.
+Library code never imports this module (it logs through `smedjan.console`).
+- `tool(name, Options)` wraps a typer command: `UserError` (bad input) -> one line
+  `smedjan <tool>: error: ...` on stderr, exit 2; any other exception is a bug (traceback,
+  exit 1); Ctrl-C -> exit 130. With an options dataclass, every field becomes the
+  command's option (its help text, default and flag live on the field: one definition per
+  flag), and parameters named `like_this` in library messages show as that flag.
 - `emit()` prints the tool's summary: JSON on stdout with `--json`, else `key: value`.
 
-    import typer
-    from smedjan.cli import tool, JsonOpt, emit, progress
-
-    app = typer.Typer()
+    @dataclass(kw_only=True)
+    class Options:
+        n: int = option(10, "How many merges.")
 
     @app.command()
-    @tool("tokenizer")
-    def tokenizer(n: int = 10, json: JsonOpt = False):
-        with progress("merging", total=n) as bar:
-            for _ in range(n):
-                bar.advance(1)
-        emit({"merges": n}, json)
+    @tool("tokenizer", Options)
+    def tokenizer(args: Options, json: JsonOpt = False):
+        with progress("merging", total=args.n) as bar:
+            ...
+        emit({"merges": args.n}, json)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import json as _json
-import math
-import os
 import sys
-import time
-from contextlib import contextmanager
-from typing import Annotated, Any, Callable, Iterator
+import types
+import typing
+from typing import Annotated, Callable, Optional
 
 import typer
 
+from smedjan.console import Terminated, _fmt, log, progress, render, set_tool, warn
 from smedjan.errors import UserError
 from smedjan.signals import route_signals_to_main_thread
 
-__all__ = ["UserError", "tool", "JsonOpt", "emit", "log", "progress", "make_app", "run_app"]
+__all__ = ["UserError", "tool", "JsonOpt", "emit", "log", "warn", "progress", "make_app", "run_app", "Terminated",
+           "option_flags"]
 
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print a JSON summary on stdout; logs and progress go to stderr.")
 ]
 
-_current_tool = ["smedjan"]
-
-
-def log(message: str) -> None:
-    """A human-readable line on stderr."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def warn(message: str) -> None:
-    log(f"{_current_tool[0]}: warning: {message}")
+_current = {"name": "smedjan"}
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
     """Print the one-line user error and return the exit exception to raise."""
-    log(f"{_current_tool[0]}: error: {message}")
+    log(f"{_current['name']}: error: {message}")
     return typer.Exit(code)
 
 
-def tool(name: str) -> Callable[[Callable], Callable]:
-    """Wrap a typer command: user errors become one line + exit 2, Ctrl-C exits 130."""
+def option_flags(cls) -> dict[str, str]:
+    """Field -> flag of an options dataclass (metadata `flag`, else --field-name)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        decl = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        out[f.name] = decl.split("/")[0]
+    return out
+
+
+def _option_params(cls) -> list[inspect.Parameter]:
+    """typer parameters for the fields of dataclass `cls` (see `smedjan.options.option`)."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    # required options first (the inputs a tool reads), then the rest in declaration order
+    fields = sorted(dataclasses.fields(cls),
+                    key=lambda f: f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
+    for f in fields:
+        if not f.init or f.metadata.get("cli") is False:
+            continue
+        t = hints[f.name]
+        if isinstance(t, types.UnionType):  # `X | None` -> Optional[X], which typer reads
+            args = [a for a in typing.get_args(t) if a is not type(None)]
+            t = Optional[args[0]]
+        decls = [f.metadata.get("flag") or "--" + f.name.replace("_", "-")]
+        if f.metadata.get("short"):
+            decls.append(f.metadata["short"])
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...
+        opt = typer.Option(*decls, help=f.metadata.get("help", ""), show_default=f.metadata.get("show_default", True))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[t, opt]))
+    return params
+
+
+def tool(name: str, options: type | None = None) -> Callable[[Callable], Callable]:
+    """Wrap a typer command (see the module docstring). With `options`, the command's first
+    parameter receives an instance built from the flags; its other parameters stay options."""
 
     def decorate(fn: Callable) -> Callable:
+        fields: set[str] = set()
+        flags = {}
+        sig = None
+        if options is not None:
+            hints = typing.get_type_hints(fn, include_extras=True)  # resolve `from __future__` annotations
+            rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints.get(p.name, p.annotation))
+                    for p in list(inspect.signature(fn).parameters.values())[1:]]
+            opt_params = _option_params(options)
+            fields = {p.name for p in opt_params}
+            flags = option_flags(options)
+            sig = inspect.Signature(opt_params + rest)
+
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            _current_tool[0] = f"smedjan {name}"
+            _current["name"] = f"smedjan {name}"
+            set_tool(f"smedjan {name}", flags)
             _exit_cleanly_on_sigterm()
             route_signals_to_main_thread()  # Ctrl-C must end a read on a FIFO or stdin
             try:
+                if options is not None:
+                    opts = options(**{k: kwargs.pop(k) for k in list(kwargs) if k in fields})
+                    return fn(opts, **kwargs)
                 return fn(*args, **kwargs)
             except UserError as e:
-                raise fail(str(e)) from None
+                raise fail(render(str(e))) from None
             except KeyboardInterrupt:
                 log(f"smedjan {name}: interrupted")
                 raise typer.Exit(130) from None
@@ -85,13 +132,14 @@ def tool(name: str) -> Callable[[Callable], Callable]:
                 sys.stderr.close()
                 raise typer.Exit(0) from None
 
+        if sig is not None:
+            # typer reads the parameters from the signature and their types from __annotations__
+            wrapper.__signature__ = sig
+            wrapper.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()}
+            del wrapper.__wrapped__
         return wrapper
 
     return decorate
-
-
-class Terminated(BaseException):
-    """SIGTERM as an exception, so `finally` blocks and atomic writes clean up."""
 
 
 def _exit_cleanly_on_sigterm() -> None:
@@ -126,14 +174,6 @@ def run_app(app: typer.Typer, prog_name: str) -> None:
     app(prog_name=prog_name)
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
-            return f"{v:.4g}"
-        return f"{v:.4f}".rstrip("0").rstrip(".") if not math.isnan(v) else "nan"
-    return str(v)
-
-
 def emit(summary: dict, as_json: bool) -> None:
     """Print the tool's summary: one JSON object on stdout, or aligned `key: value` lines."""
     if as_json:
@@ -144,109 +184,14 @@ def emit(summary: dict, as_json: bool) -> None:
         print(f"{k.ljust(width)} : {_fmt(v)}", flush=True)
 
 
-class _PlainBar:
-    """Progress as plain log lines: used when stderr is not a terminal."""
-
-    def __init__(self, description: str, total: float | None, unit: str, interval: float):
-        self.description, self.total, self.unit, self.interval = description, total, unit, interval
-        self.completed = 0.0
-        self.fields: dict[str, Any] = {}
-        self.t0 = time.monotonic()
-        self.last = -math.inf
-
-    def _line(self) -> str:
-        dt = time.monotonic() - self.t0
-        done = _fmt(self.completed) if not float(self.completed).is_integer() else str(int(self.completed))
-        parts = [f"{self.description}: {done}"]
-        if self.total:
-            frac = self.completed / self.total
-            parts[0] += f"/{int(self.total)} ({100 * frac:.0f}%)"
-            eta = dt / frac - dt if frac > 0 else float("nan")
-            parts.append(f"{dt:.0f}s elapsed, eta {eta:.0f}s" if frac > 0 else f"{dt:.0f}s elapsed")
-        else:
-            parts.append(f"{dt:.0f}s elapsed")
-        parts += [f"{k}={_fmt(v)}" for k, v in self.fields.items()]
-        return " | ".join(parts)
-
-    def update(self, completed: float | None = None, advance: float = 0, **fields) -> None:
-        if completed is not None:
-            self.completed = completed
-        self.completed += advance
-        self.fields.update(fields)
-        now = time.monotonic()
-        if now - self.last >= self.interval:
-            self.last = now
-            log(self._line())
-
-    def advance(self, n: float = 1, **fields) -> None:
-        self.update(advance=n, **fields)
-
-    def close(self) -> None:
-        log(self._line())
-
-
-class _RichBar:
-    def __init__(self, description: str, total: float | None, unit: str):
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self.fields: dict[str, Any] = {}
-        self._p = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=Console(stderr=True),
-            transient=False,
-        )
-        self._p.start()
-        self._task = self._p.add_task(description, total=total, info="")
-
-    def update(self, completed: float | None = None, advance: float = 0, **fields) -> None:
-        self.fields.update(fields)
-        info = "  ".join(f"{k}={_fmt(v)}" for k, v in self.fields.items())
-        kw = {"info": info, "advance": advance}
-        if completed is not None:
-            kw["completed"] = completed
-        self._p.update(self._task, **kw)
-
-    def advance(self, n: float = 1, **fields) -> None:
-        self.update(advance=n, **fields)
-
-    def close(self) -> None:
-        self._p.stop()
-
-
-def _use_rich() -> bool:
-    if os.environ.get("SMEDJAN_PLAIN_PROGRESS"):
-        return False
-    return sys.stderr.isatty()
-
-
-@contextmanager
-def progress(description: str, total: float | None = None, unit: str = "") -> Iterator[_PlainBar | _RichBar]:
-    """A progress display: rich on a terminal, plain periodic lines otherwise."""
-    if _use_rich():
-        bar: _PlainBar | _RichBar = _RichBar(description, total, unit)
-    else:
-        bar = _PlainBar(description, total, unit, float(os.environ.get("SMEDJAN_LOG_INTERVAL", "10")))
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-
 # --- option types shared by several tools (one definition, one help text) --------------
 from pathlib import Path  # noqa: E402
-from typing import Optional  # noqa: E402
 
 InputsOpt = Annotated[
     list[str],
-    typer.Option("--input", "-i", help="Corpus file, folder or glob (.txt, .jsonl, .parquet, optionally .zst/.gz). "
-                 "Repeat for several."),
+    typer.Option("--input", "-i", help="Corpus file, folder or glob (.txt, .jsonl, .parquet, optionally .zst/.gz), "
+                 "or files of a dataset on the Hugging Face hub: hf://datasets/OWNER/NAME[@REVISION]/GLOB "
+                 "(downloaded into the hub cache on first use; the `hub` extra). Repeat for several."),
 ]
 TextFieldOpt = Annotated[str, typer.Option("--text-field", help="JSONL field that holds the text.")]
 TextColumnOpt = Annotated[str, typer.Option("--text-column", help="Parquet column that holds the text.")]
@@ -256,6 +201,9 @@ TxtSplitOpt = Annotated[
 ]
 MaxCharsOpt = Annotated[
     Optional[int], typer.Option("--max-chars", help="Read at most this many characters of the corpus (all if unset).")
+]
+MaxDocsOpt = Annotated[
+    Optional[int], typer.Option("--max-docs", help="Read at most this many documents of the corpus (all if unset).")
 ]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", help="Worker processes (default: all cores).")]
 TokenizerOpt = Annotated[Path, typer.Option("--tokenizer", "-t", help="tokenizer.bin to use.")]

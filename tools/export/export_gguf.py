@@ -19,7 +19,10 @@ app = make_app()
 @app.command(help=(
     "Write a GGUF v3 file (architecture llama) that llama.cpp loads and runs with no other file: "
     "hyperparameters, the tokenizer (gpt2 BPE with our split regex, specials as CONTROL tokens, "
-    "bos=<|bos|>, eos=eot=<|assistant_end|>, add_bos_token=true) and the chat template (Jinja). "
+    "bos=<|bos|>, eos=<|assistant_end|> and every other token smedjan stops at in llama.cpp's end-of-generation "
+    "keys, add_bos_token=true) and the chat template (Jinja). A model with a part llama.cpp's llama "
+    "architecture lacks (QK-norm, ReLU^2, MLA, block-sparse or sliding-window attention, logit soft-capping) "
+    "is refused with one line naming it. "
     "--quant f32 keeps every tensor f32; q8_0 and q4_0 quantize the matrices as ggml does, bit for bit. "
     "Norm gains always stay f32. With q4_0 the output head (the token embedding, when tied) is q8_0 "
     "unless --pure. A matrix whose rows are not a multiple of 32 values stays f16 (f32 beyond f16's "
@@ -41,13 +44,14 @@ def export_gguf(
     pure: Annotated[bool, typer.Option("--pure", help="q4_0: quantize the output head as q4_0 too.")] = False,
     json: JsonOpt = False,
 ) -> None:
-    from smedjan.export.gguf import tensor_order, export_gguf as run
-    from smedjan.export.source import load_source
+    from smedjan.export.gguf import export_gguf as run
+    from smedjan.export.gguf import gguf_tensors
+    from smedjan.export.load import load_source
     from smedjan.io import check_output_path
 
     check_output_path(output)
     src = load_source(checkpoint, tokenizer)
-    with progress("writing tensors", total=len(tensor_order(src.config))) as bar:
+    with progress("writing tensors", total=len(gguf_tensors(src.config, str(checkpoint)))) as bar:
         summary = run(src, output, quant=quant, no_vocab=no_vocab, pure=pure,
                       on_tensor=lambda name: bar.advance(1), warn=warn)
     summary["fallback"] = ", ".join(summary["fallback"]) or "none"

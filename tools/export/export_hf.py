@@ -30,8 +30,8 @@ def export_hf(
     json: JsonOpt = False,
 ) -> None:
     from smedjan.errors import UserError
-    from smedjan.export.hf import export_hf as run
-    from smedjan.export.source import load_source
+    from smedjan.export.hf_write import export_hf as run
+    from smedjan.export.load import load_source
 
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():

@@ -32,7 +32,7 @@ def import_hf(
         "--tokenizer", "-t", help="tokenizer.bin to embed; its vocabulary size must equal the model's.")] = None,
     json: JsonOpt = False,
 ) -> None:
-    from smedjan.export.hf import import_hf as run
+    from smedjan.export.hf_write import import_hf as run
 
     log(f"importing {model_dir}")
     summary, warnings = run(model_dir, output, tokenizer)

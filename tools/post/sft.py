@@ -6,18 +6,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
 import typer
 
 from smedjan.cli import JsonOpt, emit, make_app, run_app, tool
-from smedjan_tools.post.common import (RUN_HELP, BatchSizeOpt, Beta2Opt, CheckpointDirOpt, CheckpointEveryOpt,
-                                       CompileOpt, DataOpt, DeviceOpt, EpochsOpt, EvalEveryOpt, GradAccumOpt,
-                                       GradClipOpt, KeepOpt, LrOpt, LrScheduleOpt, MaxBadOpt, MaxLenOpt, MinLrOpt,
-                                       OptimizerOpt, OutputOpt, PatienceOpt, PrecisionOpt, ResumeOpt, SeedOpt,
-                                       StepsOpt, TooLongOpt, ValDataOpt, ValFractionOpt, WarmdownOpt, WarmupOpt,
-                                       WeightDecayOpt, paths, shared)
+from smedjan.post.sft import SftArgs
+from smedjan.post.run import RUN_HELP
 
 app = make_app()
 
@@ -32,52 +25,14 @@ _HELP = (
 
 
 @app.command(help=_HELP)
-@tool("sft")
-def sft(
-    checkpoint: Annotated[Path, typer.Option(
-        "--checkpoint", "-c", help="Pretrained model (final.bin or a state_N.bin); its tokenizer needs chat tokens.")],
-    data: DataOpt,
-    output: OutputOpt,
-    format: Annotated[str, typer.Option(
-        "--format", help="auto, messages, sharegpt, alpaca or prompt-response.")] = "auto",
-    val_data: ValDataOpt = None,
-    val_fraction: ValFractionOpt = 0.05,
-    max_len: MaxLenOpt = None,
-    too_long: TooLongOpt = "truncate",
-    batch_size: BatchSizeOpt = 8,
-    grad_accum: GradAccumOpt = 1,
-    steps: StepsOpt = None,
-    epochs: EpochsOpt = 1.0,
-    lr: LrOpt = 1e-4,
-    min_lr: MinLrOpt = None,
-    warmup: WarmupOpt = None,
-    warmdown: WarmdownOpt = 0.2,
-    lr_schedule: LrScheduleOpt = "cosine",
-    optimizer: OptimizerOpt = "adamw",
-    adamw_beta2: Beta2Opt = 0.95,
-    weight_decay: WeightDecayOpt = 0.0,
-    grad_clip: GradClipOpt = 1.0,
-    max_bad_steps: MaxBadOpt = 8,
-    checkpoint_dir: CheckpointDirOpt = None,
-    checkpoint_every: CheckpointEveryOpt = 1000,
-    keep: KeepOpt = 3,
-    resume: ResumeOpt = None,
-    seed: SeedOpt = 0,
-    eval_every: EvalEveryOpt = None,
-    patience: PatienceOpt = 0,
-    device: DeviceOpt = None,
-    precision: PrecisionOpt = "auto",
-    compile: CompileOpt = False,
-    json: JsonOpt = False,
-) -> None:
+@tool("sft", SftArgs)
+def sft(args: SftArgs, json: JsonOpt = False) -> None:
+    from smedjan.post.sft import run
     from smedjan.post.run import finish
-    from smedjan.post.sft import SftArgs, run
-    from smedjan.training.pretrain import fault_steps_from_env
+    from smedjan.training.driver import fault_steps_from_env
 
-    args = SftArgs(**shared(locals()), checkpoint=str(checkpoint), data=paths(data), format=format,
-                   val_data=paths(val_data), val_fraction=val_fraction, max_len=max_len, too_long=too_long)
     summary, result = run(args, fault_steps=fault_steps_from_env())
-    finish(result, str(output))
+    finish(result, str(args.output))
     if summary.pop("rank") == 0:
         emit(summary, json)
     if result.reason == "interrupted":

@@ -75,9 +75,12 @@ def data_info(
         "bos_id": tf.bos_id,
         "bytes": tf.data_offset + tf.n_tokens * tf.dtype.itemsize,
     }
-    for key in ("split", "n_sources", "txt_split", "text_field", "text_column", "max_chars", "val_fraction", "seed"):
+    for key in ("split", "n_sources", "txt_split", "text_field", "text_column", "max_chars", "max_docs",
+                "val_fraction", "val_split", "val_from_char", "seed"):
         if key in m:
             summary[key] = m[key]
+    for i, rec in enumerate(m.get("hub") or []):  # hub inputs: which commit of which dataset
+        summary[f"hub {i + 1}"] = f"{rec.get('input')} = {rec.get('dataset')}@{rec.get('sha')} ({rec.get('files')} files)"
     if verify:
         summary["verified"] = "ok (checksum, id range, document count)"
     shown = []

@@ -2,6 +2,8 @@
 
     smedjan prepare --input data/pretrain --tokenizer tokenizer.bin --output train.bin \\
         --val-output val.bin --val-fraction 0.01
+    smedjan prepare --input "hf://datasets/karpathy/fineweb-edu-100b-shuffle/shard_00000.parquet" \\
+        --max-docs 100 --tokenizer tokenizer.bin --output train.bin
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from smedjan.cli import (InputsOpt, JsonOpt, MaxCharsOpt, TextColumnOpt, TextFieldOpt, TokenizerOpt, TxtSplitOpt,
-                         WorkersOpt, emit, log, make_app, progress, run_app, tool, warn)
+from smedjan.cli import (InputsOpt, JsonOpt, MaxCharsOpt, MaxDocsOpt, TextColumnOpt, TextFieldOpt, TokenizerOpt,
+                         TxtSplitOpt, WorkersOpt, emit, log, make_app, progress, run_app, tool, warn)
 
 app = make_app()
 
@@ -22,9 +24,11 @@ app = make_app()
     "Encode a corpus with a tokenizer into a token file (train.bin) for training, and optionally a "
     "validation file. Each document becomes <|bos|> followed by its tokens; ids are stored as uint16 "
     "when the vocabulary fits (<= 65536 tokens), else uint32. Documents: a .txt file is one document "
-    "(--txt-split), a .jsonl line or a .parquet row is one document. With --val-output, a document goes to "
-    "val when a hash of (--seed, its index) falls under --val-fraction (default 0.01), or val is "
-    "--val-input. The output is byte-identical for any --workers and on every re-run. Memory stays "
+    "(--txt-split), a .jsonl line or a .parquet row is one document; hf://datasets/... inputs are read from "
+    "the Hugging Face hub cache, each file downloaded when it is reached. With --val-output, a document goes "
+    "to val when a hash of (--seed, its index) falls under --val-fraction (default 0.01), or val is "
+    "--val-input; a corpus with too few documents for the fraction (one .txt file) gives val the last "
+    "--val-fraction of its text instead, from a line boundary on, and says so. The output is byte-identical for any --workers and on every re-run. Memory stays "
     "bounded: the corpus is streamed in and the tokens are streamed out."
 ))
 @tool("prepare")
@@ -45,6 +49,7 @@ def prepare(
     text_column: TextColumnOpt = "text",
     txt_split: TxtSplitOpt = "file",
     max_chars: MaxCharsOpt = None,
+    max_docs: MaxDocsOpt = None,
     workers: WorkersOpt = None,
     json: JsonOpt = False,
 ) -> None:
@@ -62,7 +67,8 @@ def prepare(
     with progress("encoding characters", total=max_chars) as bar:
         res = P.prepare(input, tok, output, val_output=val_output, val_fraction=val_fraction, val_inputs=val_input,
                         seed=seed, text_field=text_field, text_column=text_column, txt_split=txt_split,
-                        max_chars=max_chars, workers=n_workers, on_chars=lambda n: bar.advance(n))
+                        max_chars=max_chars, max_docs=max_docs, workers=n_workers,
+                        on_chars=lambda n: bar.advance(n), on_warning=warn)
     seconds = time.monotonic() - t0
     if res.replaced_bytes:
         warn(f"{res.replaced_bytes} bytes of invalid UTF-8 were replaced by U+FFFD")
@@ -75,7 +81,8 @@ def prepare(
     }
     if "val" in res.outputs:
         val = res.outputs["val"]
-        summary.update({"val_output": val.path, "val_tokens": val.n_tokens, "val_documents": val.n_docs})
+        summary.update({"val_output": val.path, "val_tokens": val.n_tokens, "val_documents": val.n_docs,
+                        "val_split": res.val_split or "input"})
     summary.update({
         "vocab_size": tok.vocab_size,
         "fingerprint": tok.fingerprint,

@@ -2,6 +2,7 @@
 
     smedjan sizes --vocab-size 8192
     smedjan sizes --vocab-size 8192 --dim 1024 --layers 16 --heads 16 --ffn-mult 4 --kv-heads 4   # adds a custom row
+    smedjan sizes --depth 4 --depth 12 --depth 20                  # nanochat's dial: dim = depth x 64, heads of 128
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ def _human(n: float) -> str:
 
 
 @app.command(help=(
-    "Print, for every preset (and a custom shape when --dim/--layers/--heads are given): width, depth, heads, "
-    "SwiGLU hidden size, exact parameter count (the tied embedding counted once), non-embedding parameters, "
-    "and training FLOPs per token at --seq-len (6 x matmul parameters including the output head, plus attention "
-    "12 x layers x dim x seq-len; forward + backward)."
+    "Print, for every preset (and a custom shape when --dim/--layers/--heads are given, and a row per --depth): "
+    "width, depth, heads, feed-forward hidden size, exact parameter count (the tied embedding counted once), "
+    "non-embedding parameters, and training FLOPs per token at --seq-len, as the model's parts count them (6 x "
+    "matmul parameters including the output head, plus attention 12 x heads x head-dim x seq-len per layer; "
+    "forward + backward). --depth D is nanochat's dial: D layers, dim = D x --aspect-ratio rounded up to a "
+    "multiple of --head-dim, heads = dim / head-dim."
 ))
 @tool("sizes")
 def sizes(
@@ -37,6 +40,10 @@ def sizes(
     heads: Annotated[Optional[int], typer.Option("--heads", help="Custom row: attention heads.")] = None,
     ffn_mult: Annotated[float, typer.Option("--ffn-mult", help="Custom row: SwiGLU hidden / dim.")] = 8 / 3,
     kv_heads: Annotated[int, typer.Option("--kv-heads", help="Custom row: key/value heads (0 = heads).")] = 0,
+    depth: Annotated[Optional[list[int]], typer.Option(
+        "--depth", help="A row for nanochat's depth dial at this depth (repeat for a series).")] = None,
+    aspect_ratio: Annotated[int, typer.Option("--aspect-ratio", help="--depth rows: dim / depth.")] = 64,
+    head_dim: Annotated[int, typer.Option("--head-dim", help="--depth rows: width of an attention head.")] = 128,
     json: JsonOpt = False,
 ) -> None:
     import json as _json
@@ -46,21 +53,23 @@ def sizes(
 
     if vocab_size < 1 or seq_len < 1:
         raise UserError("--vocab-size and --seq-len must be positive")
-    cfgs = [ModelConfig.from_preset(name, vocab_size) for name in PRESETS]
+    cfgs = [] if depth else [ModelConfig.from_preset(name, vocab_size) for name in PRESETS]
+    cfgs += [ModelConfig.from_depth(vocab_size, d, aspect_ratio=aspect_ratio, head_dim=head_dim) for d in depth or []]
     custom = [v is not None for v in (dim, layers, heads)]
     if any(custom):
         if not all(custom):
             raise UserError("a custom row needs --dim, --layers and --heads")
         cfgs.append(ModelConfig.custom(vocab_size, dim=dim, n_layers=layers, n_heads=heads, ffn_mult=ffn_mult,
                                        n_kv_heads=kv_heads))
-    rows = [{"size": c.preset, "dim": c.dim, "layers": c.n_layers, "heads": c.n_heads, "kv_heads": c.n_kv_heads,
-             "ffn_hidden": c.ffn_hidden, "params": c.n_params(), "non_embedding_params": c.n_params(embedding=False),
+    rows = [{"size": c.preset, "dim": c.dim, "layers": c.n_layers, "heads": c.attention.n_heads,
+             "kv_heads": c.attention.n_kv_heads, "head_dim": c.attention.head_dim, "ffn_hidden": c.ffn.hidden,
+             "params": c.n_params(), "non_embedding_params": c.n_params(embedding=False),
              "train_flops_per_token": c.flops_per_token(seq_len)} for c in cfgs]
     if json:
         print(_json.dumps({"vocab_size": vocab_size, "seq_len": seq_len, "sizes": rows}), flush=True)
         return
-    head = ["size", "dim", "layers", "heads", "kv", "ffn", "params", "non-embedding", "FLOPs/token"]
-    table = [[r["size"], r["dim"], r["layers"], r["heads"], r["kv_heads"], r["ffn_hidden"],
+    head = ["size", "dim", "layers", "heads", "kv", "head dim", "ffn", "params", "non-embedding", "FLOPs/token"]
+    table = [[r["size"], r["dim"], r["layers"], r["heads"], r["kv_heads"], r["head_dim"], r["ffn_hidden"],
               f"{r['params']:,} ({_human(r['params'])})", f"{r['non_embedding_params']:,}",
               f"{r['train_flops_per_token']:.4g}"] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]

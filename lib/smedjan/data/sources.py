@@ -1,4 +1,5 @@
-"""Streaming corpus readers: .txt, .jsonl, .parquet, each optionally .zst or .gz.
+"""Streaming corpus readers: .txt, .jsonl, .parquet, each optionally .zst or .gz, local or
+on the Hugging Face hub (`hf://datasets/OWNER/NAME[@REVISION]/GLOB`, `smedjan.data.hub`).
 
 Every reader streams: memory stays bounded whatever the file size. The unit they
 yield is a `Chunk` of text with a `new_doc` flag on the first chunk of each document;
@@ -81,11 +82,20 @@ def is_supported(p: Path) -> bool:
     return base_suffix(p) in TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 
 
-def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
-    """Files, folders (every supported file below, sorted) and globs -> a sorted file list."""
-    out: list[Path] = []
+def expand_inputs(inputs: list) -> list:
+    """Files, folders (every supported file below, sorted), globs and hub inputs
+    (`hf://datasets/...`, see `smedjan.data.hub`) -> a file list: `Path`s and `HubFile`s."""
+    out: list = []
     for raw in inputs:
+        if not isinstance(raw, (str, os.PathLike)):  # a HubFile, expanded already
+            out.append(raw)
+            continue
         s = str(raw)
+        if s.startswith("hf://"):
+            from smedjan.data import hub
+
+            out += hub.resolve(s).files
+            continue
         p = Path(s)
         if p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.is_file() and is_supported(q))
@@ -104,7 +114,7 @@ def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
         else:
             raise UserError(f"{p}: input file does not exist")
     for p in out:
-        if not os.access(p, os.R_OK):
+        if isinstance(p, Path) and not os.access(p, os.R_OK):
             raise UserError(f"{p}: input file is not readable")
     return out
 
@@ -313,18 +323,32 @@ def iter_file(p: Path, stats: ReadStats, text_field: str = "text", text_column: 
         yield from guard_reads(p, _read_txt, p, txt_split, stats)
 
 
-def iter_chunks(inputs: list[str | os.PathLike], *, text_field: str = "text", text_column: str = "text",
-                txt_split: str = "file", max_chars: int | None = None,
+def iter_chunks(inputs: list, *, text_field: str = "text", text_column: str = "text",
+                txt_split: str = "file", max_chars: int | None = None, max_docs: int | None = None,
                 stats: ReadStats | None = None) -> Iterator[Chunk]:
-    """Stream every document of every input as chunks, stopping after `max_chars` characters."""
+    """Stream every document of every input as chunks, stopping after `max_chars` characters
+    or `max_docs` documents. A file is opened (a hub file downloaded) only when reached."""
     if txt_split not in ("file", "blank", "line"):
         raise UserError(f"--txt-split must be file, blank or line, not {txt_split!r}")
     stats = stats if stats is not None else ReadStats()
     files = expand_inputs(inputs)
     budget = max_chars if max_chars is not None and max_chars > 0 else None
+    docs_left = max_docs if max_docs is not None and max_docs > 0 else None
     for p in files:
+        if (budget is not None and budget <= 0) or docs_left == 0:
+            return
         stats.files += 1
-        for chunk in iter_file(p, stats, text_field, text_column, txt_split):
+        if isinstance(p, Path):
+            reader = iter_file(p, stats, text_field, text_column, txt_split)
+        else:
+            from smedjan.data import hub
+
+            reader = hub.read(p, lambda local: iter_file(local, stats, text_field, text_column, txt_split))
+        for chunk in reader:
+            if chunk.new_doc and docs_left is not None:
+                if docs_left == 0:
+                    return
+                docs_left -= 1
             if budget is not None:
                 if budget <= 0:
                     return

@@ -5,11 +5,13 @@ The file is GGUF v3, architecture `llama`, written with the `gguf` package:
   f32 rope base and norm epsilon), RoPE scaling mapped to what llama.cpp computes
   (linear/yarn keys, the stretched base for static NTK, a `rope_freqs` tensor for llama3);
 - the tokenizer (`tokenizer.ggml.model = gpt2`, `pre` naming our split regex, tokens in
-  GPT-2 byte-to-unicode form, specials literal and CONTROL, merges, bos/eos/eot/pad ids)
-  and the chat template (Jinja);
-- tensors: wq/wk rows permuted from the half-split RoPE layout to llama.cpp's interleaved
-  one; 1-D norm gains always f32; matrices f32, q8_0 or q4_0 (`smedjan.export.quant`,
-  bit-exact with ggml). With q4_0 the output head (the embedding, when tied) stays q8_0
+  GPT-2 byte-to-unicode form, specials literal and CONTROL, merges, bos and pad ids, and
+  every smedjan end token in one of llama.cpp's end-of-generation keys, so llama.cpp stops
+  where smedjan stops: `smedjan.tokenizer.specials`) and the chat template (Jinja);
+- tensors under the names the model's parts give (`smedjan.export.names`; a part llama.cpp's
+  `llama` architecture lacks is refused with one line naming it), wq/wk rows permuted from
+  the half-split RoPE layout to llama.cpp's interleaved one; 1-D norm gains always f32;
+  matrices f32, q8_0 or q4_0 (`smedjan.export.quant`, bit-exact with ggml). With q4_0 the output head (the embedding, when tied) stays q8_0
   unless `pure`, as llama.cpp's own quantizer keeps the head at higher precision. A matrix
   whose rows are not a multiple of 32 values falls back to f16 (f32 beyond f16's range).
 
@@ -20,7 +22,6 @@ The file is GGUF v3, architecture `llama`, written with the `gguf` package:
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,36 +32,16 @@ import torch
 
 from smedjan.errors import UserError
 from smedjan.export import quant as Q
-from smedjan.export.source import ModelSource, load_source
+from smedjan.export.load import load_source
+from smedjan.export.names import External, Unsupported, external_names
+from smedjan.export.source import ModelSource
 from smedjan.formats import constants as C
 from smedjan.io import atomic_path, check_output_path
 from smedjan.model.config import ModelConfig
+from smedjan.tokenizer.specials import eog_slots, special_ids
 
 QUANTS = ("f32", "q8_0", "q4_0")
 F16_MAX = 65504.0
-TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # gguf.TokenType values
-_NAME_MAP = [
-    (r"tok_embeddings\.weight", "token_embd.weight"),
-    (r"norm\.weight", "output_norm.weight"),
-    (r"output\.weight", "output.weight"),
-    (r"layers\.(\d+)\.attention_norm\.weight", r"blk.\1.attn_norm.weight"),
-    (r"layers\.(\d+)\.attention\.wq\.weight", r"blk.\1.attn_q.weight"),
-    (r"layers\.(\d+)\.attention\.wk\.weight", r"blk.\1.attn_k.weight"),
-    (r"layers\.(\d+)\.attention\.wv\.weight", r"blk.\1.attn_v.weight"),
-    (r"layers\.(\d+)\.attention\.wo\.weight", r"blk.\1.attn_output.weight"),
-    (r"layers\.(\d+)\.ffn_norm\.weight", r"blk.\1.ffn_norm.weight"),
-    (r"layers\.(\d+)\.feed_forward\.w1\.weight", r"blk.\1.ffn_gate.weight"),
-    (r"layers\.(\d+)\.feed_forward\.w3\.weight", r"blk.\1.ffn_up.weight"),
-    (r"layers\.(\d+)\.feed_forward\.w2\.weight", r"blk.\1.ffn_down.weight"),
-]
-
-
-def gguf_name(name: str) -> str:
-    """smedjan tensor name -> llama.cpp tensor name."""
-    for pat, rep in _NAME_MAP:
-        if re.fullmatch(pat, name):
-            return re.sub(pat, rep, name)
-    raise KeyError(name)
 
 
 def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -79,34 +60,37 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, hd // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
-def check_llama_compatible(cfg: ModelConfig, where: str) -> None:
-    """Refuse what llama.cpp's `llama` architecture would run differently from smedjan."""
-    if cfg.sliding_window:
-        raise UserError(f"{where}: model config sliding_window={cfg.sliding_window}: llama.cpp's llama "
-                        "architecture has no sliding-window attention; not exportable to GGUF")
-    if cfg.rope_scaling == "yarn" and cfg.rope_factor > 1 and (cfg.yarn_beta_fast, cfg.yarn_beta_slow) != (32.0, 1.0):
-        raise UserError(f"{where}: model config yarn_beta_fast/yarn_beta_slow = {cfg.yarn_beta_fast}/"
-                        f"{cfg.yarn_beta_slow}: llama.cpp's llama architecture uses 32/1 only")
+def gguf_tensors(cfg: ModelConfig, where: str) -> list[External]:
+    """The model's tensors under llama.cpp's names, in file order; one line naming what the
+    `llama` architecture would run differently from smedjan (a part, a setting)."""
+    r = cfg.rope
+    if r.active == "yarn" and (r.beta_fast, r.beta_slow) != (32.0, 1.0):
+        raise UserError(f"{where}: model config yarn beta_fast/beta_slow = {r.beta_fast}/{r.beta_slow}: llama.cpp's "
+                        "llama architecture uses 32/1 only")
+    try:
+        return external_names(cfg, "gguf")
+    except Unsupported as e:
+        raise UserError(f"{where}: not exportable to GGUF: {e}") from None
 
 
 def rope_metadata(cfg: ModelConfig) -> tuple[dict, np.ndarray | None]:
     """(extra llama.* keys, rope_freqs tensor or None) reproducing `rope_frequencies(cfg)`."""
-    from smedjan.model.model import rope_frequencies
+    from smedjan.model.rope import rope_frequencies
 
-    kind = cfg.rope_scaling if cfg.rope_factor > 1.0 else "none"
-    keys: dict = {"freq_base": float(cfg.rope_theta)}
+    r, hd = cfg.rope, cfg.attention.head_dim
+    kind = r.active
+    keys: dict = {"freq_base": float(r.theta)}
     if kind == "ntk":
         # static NTK is plain RoPE with a stretched base
-        keys["freq_base"] = cfg.rope_theta * cfg.rope_factor ** (cfg.head_dim / (cfg.head_dim - 2))
+        keys["freq_base"] = r.theta * r.factor ** (hd / (hd - 2))
     elif kind == "linear":
-        keys.update(scaling_type="linear", scaling_factor=cfg.rope_factor)
+        keys.update(scaling_type="linear", scaling_factor=r.factor)
     elif kind == "yarn":
-        keys.update(scaling_type="yarn", scaling_factor=cfg.rope_factor,
-                    orig_ctx=cfg.rope_original_max_seq_len or cfg.max_seq_len)
+        keys.update(scaling_type="yarn", scaling_factor=r.factor, orig_ctx=r.original_max_seq_len or cfg.max_seq_len)
     elif kind == "llama3":
         # llama.cpp divides each frequency by rope_freqs[i] ([head_dim/2], f32)
-        plain = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
-        scaled, _ = rope_frequencies(cfg)
+        plain = 1.0 / r.theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+        scaled, _ = rope_frequencies(r, hd, cfg.max_seq_len)
         return keys, (plain / scaled).numpy().astype(np.float32)
     return keys, None
 
@@ -114,17 +98,19 @@ def rope_metadata(cfg: ModelConfig) -> tuple[dict, np.ndarray | None]:
 def token_strings(tok) -> tuple[list[str], list[int]]:
     """tokenizer.ggml.tokens and token_type: GPT-2 byte-to-unicode strings (NORMAL) for ordinary
     tokens, the literal spelling (CONTROL) for specials. Strings must be unique for llama.cpp."""
+    from gguf import TokenType
+
     from smedjan.tokenizer.bytelevel import token_to_str
 
-    special_ids = set(tok.specials.values())
+    specials = set(tok.specials.values())
     strings, types = [], []
     for i, t in enumerate(tok.tokens):
-        if i in special_ids:
+        if i in specials:
             strings.append(t.decode())
-            types.append(TOKEN_CONTROL)
+            types.append(int(TokenType.CONTROL))
         else:
             strings.append(token_to_str(t))
-            types.append(TOKEN_NORMAL)
+            types.append(int(TokenType.NORMAL))
     seen: dict[str, int] = {}
     for i, s in enumerate(strings):
         if s in seen:
@@ -136,8 +122,9 @@ def token_strings(tok) -> tuple[list[str], list[int]]:
 
 def add_tokenizer(writer, tok) -> dict:
     """Write the tokenizer keys; returns the special ids used."""
+    from gguf import Keys
+
     from smedjan.chat import CHAT_TEMPLATE
-    from smedjan.export.hf import special_ids
     from smedjan.tokenizer.bytelevel import token_to_str
 
     strings, types = token_strings(tok)
@@ -151,9 +138,15 @@ def add_tokenizer(writer, tok) -> dict:
     writer.add_token_types(types)
     writer.add_token_merges([f"{token_to_str(tok.tokens[a])} {token_to_str(tok.tokens[b])}" for a, b in tok.merges])
     writer.add_bos_token_id(ids["bos"])
-    writer.add_eos_token_id(ids["eos"])
-    # EOT too: llama.cpp stops generation at any of eos/eot; chat replies end at <|assistant_end|>.
-    writer.add_eot_token_id(ids["eos"])
+    # llama.cpp stops at the ids of these six keys (its end-of-generation set): each holds one
+    # of smedjan's end tokens, so both stop at the same tokens (eos is <|assistant_end|>).
+    eog = eog_slots(tok)
+    assert eog.get("eos") == ids["eos"], (eog, ids)
+    keys = {"eos": Keys.Tokenizer.EOS_ID, "eot": Keys.Tokenizer.EOT_ID, "eom": Keys.Tokenizer.EOM_ID,
+            "fim_pad": Keys.Tokenizer.FIM_PAD_ID, "fim_rep": Keys.Tokenizer.FIM_REP_ID,
+            "fim_sep": Keys.Tokenizer.FIM_SEP_ID}
+    for slot, tid in eog.items():
+        writer.add_uint32(keys[slot], tid)
     if "pad" in ids:
         writer.add_pad_token_id(ids["pad"])
     # every training document and every conversation starts with BOS, so llama.cpp should add it
@@ -172,9 +165,9 @@ class _Planned:
     note: str | None = None
 
 
-def plan_type(name: str, shape: tuple[int, ...], quant: str, tied: bool, pure: bool) -> _Planned:
+def plan_type(t: External, shape: tuple[int, ...], quant: str, tied: bool, pure: bool) -> _Planned:
     """The GGML type of one tensor (before the f16-range check)."""
-    g = gguf_name(name)
+    name, g = t.local, t.name
     if len(shape) == 1 or quant == "f32":
         return _Planned(name, g, "f32")
     is_head = name == "output.weight" or (tied and name == "tok_embeddings.weight")
@@ -184,27 +177,10 @@ def plan_type(name: str, shape: tuple[int, ...], quant: str, tied: bool, pure: b
     return _Planned(name, g, want)
 
 
-def tensor_order(cfg: ModelConfig) -> list[str]:
-    """smedjan tensor names in the order they are written (embedding, layer by layer, head)."""
-    names = ["tok_embeddings.weight"]
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        names += [p + "attention_norm.weight", p + "attention.wq.weight", p + "attention.wk.weight",
-                  p + "attention.wv.weight", p + "attention.wo.weight", p + "ffn_norm.weight",
-                  p + "feed_forward.w1.weight", p + "feed_forward.w3.weight", p + "feed_forward.w2.weight"]
-    names.append("norm.weight")
-    if not cfg.tie_embeddings:
-        names.append("output.weight")
-    return names
-
-
-def _convert(src: ModelSource, plan: _Planned) -> tuple[np.ndarray, _Planned]:
-    cfg = src.config
+def _convert(src: ModelSource, t: External, plan: _Planned) -> tuple[np.ndarray, _Planned]:
     w = src.tensors[plan.name].to(torch.float32).numpy()  # bf16/f16 -> f32 is exact
-    if plan.name.endswith("attention.wq.weight"):
-        w = permute_rope_rows(w, cfg.n_heads)
-    elif plan.name.endswith("attention.wk.weight"):
-        w = permute_rope_rows(w, cfg.n_kv_heads)
+    if t.rope_heads:
+        w = permute_rope_rows(w, t.rope_heads)
     w = np.ascontiguousarray(w, dtype=np.float32)
     if plan.ggml == "f32":
         return w, plan
@@ -224,7 +200,7 @@ def export_gguf(src: str | os.PathLike | ModelSource, out_path: str | os.PathLik
     weights-only file (`tokenizer.ggml.model = none`) that llama.cpp loads and runs on token
     ids. `on_tensor(name)` is called after each tensor; `warn(message)` gets the source's warnings
     and one line per kind of fallback."""
-    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
+    from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
 
     t0 = time.monotonic()
     if quant not in QUANTS:
@@ -232,7 +208,7 @@ def export_gguf(src: str | os.PathLike | ModelSource, out_path: str | os.PathLik
     check_output_path(out_path)
     source = src if isinstance(src, ModelSource) else load_source(src, tokenizer)
     cfg, tok, where = source.config, source.tokenizer, str(source.path)
-    check_llama_compatible(cfg, where)
+    tensors = gguf_tensors(cfg, where)
     warn = warn or (lambda message: None)
     if no_vocab:
         tok = None
@@ -248,16 +224,16 @@ def export_gguf(src: str | os.PathLike | ModelSource, out_path: str | os.PathLik
     file_type = {"f32": LlamaFileType.ALL_F32, "q8_0": LlamaFileType.MOSTLY_Q8_0,
                  "q4_0": LlamaFileType.MOSTLY_Q4_0}[quant]
     writer.add_file_type(int(file_type))
-    writer.add_quantization_version(2)  # GGML_QNT_VERSION
+    writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.dim)
     writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(cfg.ffn_hidden)
-    writer.add_head_count(cfg.n_heads)
-    writer.add_head_count_kv(cfg.n_kv_heads)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_feed_forward_length(cfg.ffn.hidden)
+    writer.add_head_count(cfg.attention.n_heads)
+    writer.add_head_count_kv(cfg.attention.n_kv_heads)
+    writer.add_key_length(cfg.attention.head_dim)
+    writer.add_value_length(cfg.attention.head_dim)
+    writer.add_rope_dimension_count(cfg.attention.head_dim)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     rope, rope_freqs = rope_metadata(cfg)
@@ -282,9 +258,10 @@ def export_gguf(src: str | os.PathLike | ModelSource, out_path: str | os.PathLik
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs)
         counts["f32"] = 1
-    for name in tensor_order(cfg):
-        plan = plan_type(name, tuple(source.tensors[name].shape), quant, cfg.tie_embeddings, pure)
-        data, plan = _convert(source, plan)
+    for t in tensors:
+        name = t.local
+        plan = plan_type(t, tuple(source.tensors[name].shape), quant, cfg.tie_embeddings, pure)
+        data, plan = _convert(source, t, plan)
         if plan.ggml in Q.QUANT_TYPES:
             writer.add_tensor(plan.gguf, data, raw_dtype=ggml[plan.ggml])
         else:

@@ -4,13 +4,12 @@ A source is a model config, its weights under smedjan's tensor names in their st
 (float32, bfloat16 or float16), and the tokenizer when there is one. Every tensor is checked
 against the config (name, shape, dtype, finite values) before any output is written.
 
-    src = load_source("final.bin")                          # checkpoint: embedded tokenizer
-    src = load_source("tiny-random-llama/", tokenizer="tok.bin")  # HF folder
+    src = checkpoint_source(Path("final.bin"), tok=None)     # checkpoint: embedded tokenizer
+(`smedjan.export.load.load_source` picks this or the HF reader by what the path is.)
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,10 +39,9 @@ def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str
     """Names, shapes, dtypes and finiteness against the config; `display` maps our names to the
     file's own (HF) names for the message."""
     from smedjan.model.load import check_state_shapes
-    from smedjan.model.model import Transformer
+    from smedjan.model.model import meta_model
 
-    with torch.device("meta"):  # the config's tensors, without allocating them
-        model = Transformer(cfg)
+    model = meta_model(cfg)  # the config's tensors, without allocating them
     check_state_shapes(where, tensors, model, "its model config", display)
     shown = (lambda n: (display or {}).get(n, n))
     for name, t in tensors.items():
@@ -54,33 +52,8 @@ def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str
             raise UserError(f"{where}: tensor {shown(name)!r} holds NaN or infinite values")
 
 
-def _load_tokenizer(path: str | os.PathLike | None):
-    if path is None:
-        return None
-    from smedjan.tokenizer import Tokenizer
-
-    return Tokenizer.load(path)
-
-
-def load_source(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None) -> ModelSource:
-    """A checkpoint file or an HF folder; `tokenizer` (a tokenizer.bin) supplies or must equal
-    the tokenizer, and must have the model's vocabulary size."""
-    p = Path(path)
-    tok = _load_tokenizer(tokenizer)
-    if p.is_dir():
-        from smedjan.export.hf import read_hf_dir
-
-        src = read_hf_dir(p, tokenizer=tok)
-    else:
-        src = _checkpoint_source(p, tok)
-    if src.tokenizer is not None and src.tokenizer.vocab_size != src.config.vocab_size:
-        who = f"--tokenizer {tokenizer}" if tok is not None else f"{p}'s tokenizer"
-        raise UserError(f"{who} has {src.tokenizer.vocab_size} tokens but the model in {p} has a vocabulary "
-                        f"of {src.config.vocab_size}; they must match")
-    return src
-
-
-def _checkpoint_source(p: Path, tok) -> ModelSource:
+def checkpoint_source(p: Path, tok) -> ModelSource:
+    """A smedjan checkpoint as a ModelSource; `tok` (or None) must equal its embedded tokenizer."""
     from smedjan.formats.checkpoint import TOKENIZER_TENSOR, load_checkpoint
 
     ck = load_checkpoint(p)

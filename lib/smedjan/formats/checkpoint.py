@@ -7,7 +7,7 @@ Two kinds share the layout (tensors + a string->string `__metadata__`):
   metadata the step, the training config and the data-loader position: enough to
   resume bit for bit. It carries the tokenizer too.
 
-Tensor names: model weights keep their module names (`layers.0.attention.wq.weight`);
+Tensor names: model weights keep their module names (`layers.0.mixer.wq.weight`);
 other tensors are namespaced (`optim.…`, `rng.…`); the tokenizer.bin bytes are the
 uint8 tensor `smedjan.tokenizer`. Metadata keys: `kind`, `format_version`,
 `model_config` (JSON), `tokenizer_fingerprint`, plus any kind-specific JSON values.
@@ -32,6 +32,9 @@ from smedjan.formats import constants as C
 from smedjan.io import atomic_path, check_input_file
 
 TOKENIZER_TENSOR = "smedjan.tokenizer"
+# Format 1 (the first release) named the block's parts after the one architecture it had.
+# Loading renames them; the flat model config of format 1 is read by ModelConfig.from_dict.
+_V1_RENAMES = ((".attention_norm.", ".mixer_norm."), (".attention.", ".mixer."), (".feed_forward.", ".ffn."))
 NON_MODEL_PREFIXES = ("optim.", "rng.", "smedjan.", "extra.")
 
 
@@ -149,7 +152,7 @@ def load_checkpoint(path: str | os.PathLike, kinds: tuple[str, ...] = (C.KIND_MO
     if kind not in kinds:
         want = " or ".join(kinds)
         raise UserError(f"{p}: is a {kind!r} checkpoint, expected {want}")
-    if md.get("format_version") != str(C.CHECKPOINT_FORMAT_VERSION):
+    if md.get("format_version") not in (str(C.CHECKPOINT_FORMAT_VERSION), "1"):
         raise UserError(f"{p}: checkpoint format version {md.get('format_version')}, this smedjan reads "
                         f"version {C.CHECKPOINT_FORMAT_VERSION}; regenerate it with `{C.REGENERATE[kind]}`")
     try:
@@ -157,4 +160,30 @@ def load_checkpoint(path: str | os.PathLike, kinds: tuple[str, ...] = (C.KIND_MO
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{p}: corrupt or truncated checkpoint ({str(e).splitlines()[0]}); "
                         f"regenerate it with `{C.REGENERATE[kind]}`") from None
+    if md["format_version"] == "1":
+        tensors, md = _upgrade_v1(tensors, md)
     return Checkpoint(p, tensors, md)
+
+
+def _v1_name(name: str) -> str:
+    for old, new in _V1_RENAMES:
+        if name.startswith("layers.") or name.startswith("optim.state.layers."):
+            name = name.replace(old, new, 1) if old in name else name
+    return name
+
+
+def _upgrade_v1(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> tuple[dict, dict]:
+    """A format-1 checkpoint's tensors and metadata under today's names."""
+    tensors = {_v1_name(k): v for k, v in tensors.items()}
+    md = dict(md)
+    if "optimizer" in md:
+        try:
+            opt = json.loads(md["optimizer"])
+            for g in opt.get("param_groups", []):
+                g["names"] = [_v1_name(n) for n in g.get("names", [])]
+            opt["scalars"] = {_v1_name(k): v for k, v in opt.get("scalars", {}).items()}
+            md["optimizer"] = json.dumps(opt, sort_keys=True)
+        except (json.JSONDecodeError, AttributeError, TypeError):
+            pass  # left as is: reading the optimizer state reports the corruption
+    md["format_version"] = str(C.CHECKPOINT_FORMAT_VERSION)
+    return tensors, md

@@ -14,7 +14,7 @@ TOKENS_VERSION = 1
 TOKENS_ALIGN = 4096
 
 # --- safetensors files: `__metadata__` carries these keys (all values are strings).
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # 1: the first release (flat model config, attention/feed_forward names)
 KIND_TRAIN_STATE = "train_state"  # state_N.bin: weights + optimizer + RNG + data position
 KIND_MODEL = "model"  # final.bin / sft.bin / dpo.bin: weights + config + tokenizer
 

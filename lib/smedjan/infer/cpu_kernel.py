@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -166,6 +167,17 @@ void smedjan_head(const float *x, long rows, long dim, float eps, const float *h
 """
 
 
+@dataclass(frozen=True)
+class Shape:
+    """The widths of a plain attention + SwiGLU layer."""
+
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn: int
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("wqkv", "wo", "w13", "w2", "cos", "sin")] + \
                [(name, ctypes.c_long) for name in ("dim", "n_heads", "n_kv_heads", "head_dim", "ffn", "window")] + \
@@ -194,15 +206,15 @@ class Kernel:
         return y
 
     @staticmethod
-    def layer_spec(wqkv, wo, w13, w2, cos, sin, cfg, eps: float) -> "_Layer":
+    def layer_spec(wqkv, wo, w13, w2, cos, sin, shape: "Shape", window: int, eps: float) -> "_Layer":
         """The C view of one layer's (contiguous float32) tensors; the caller keeps them alive."""
         return _Layer(wqkv.data_ptr(), wo.data_ptr(), w13.data_ptr(), w2.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                      cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_hidden, cfg.sliding_window, eps)
+                      shape.dim, shape.n_heads, shape.n_kv_heads, shape.head_dim, shape.ffn, window, eps)
 
     @staticmethod
-    def scratch_size(cfg, rows: int) -> int:
-        return rows * (cfg.dim + (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim
-                       + 3 * cfg.ffn_hidden)
+    def scratch_size(shape: "Shape", rows: int) -> int:
+        s = shape
+        return rows * (s.dim + (s.n_heads + 2 * s.n_kv_heads) * s.head_dim + s.n_heads * s.head_dim + 3 * s.ffn)
 
     def layer(self, spec: "_Layer", x: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               scratch: torch.Tensor) -> None:

@@ -31,9 +31,12 @@ class Detokenizer:
 
     def __init__(self, tok):
         self._tokens = tok.tokens
+        self._specials = frozenset(tok.specials.values())
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, token_id: int) -> str:
+        if token_id in self._specials:  # control tokens render as nothing (as llama.cpp renders them)
+            return ""
         return self._decoder.decode(self._tokens[token_id])
 
     def flush(self) -> str:

@@ -9,10 +9,12 @@ prompts or one prompt; a server calls `add`, `step` and `cancel` itself.
 
 End of generation, reported as `finish_reason`:
 - "stop": the model produced an end token, or the text reached a stop string (the
-  text ends just before it). End tokens are all of the tokenizer's special tokens:
+  text ends just before it). End tokens are those of `smedjan.tokenizer.specials`:
   `<|assistant_end|>` ends a chat reply; `<|bos|>` starts a new document, which is
-  where a base model's text ends; the other markers would open a new turn. Special
-  tokens never appear in the text. `ignore_eos` turns this off (benchmarks).
+  where a base model's text ends; the markers that open a new turn. They are exactly
+  the tokens an exported GGUF marks end-of-generation, so llama.cpp stops where smedjan
+  does. Special tokens never appear in the text (the two that are not end tokens render
+  as nothing, as in llama.cpp). `ignore_eos` turns this off (benchmarks).
 - "length": `max_new_tokens` were generated, or prompt + completion filled the
   model's context. A prompt must leave room for at least one new token.
 - "cancelled": `cancel()` was called (a client went away).
@@ -36,8 +38,9 @@ import torch
 
 from smedjan.errors import UserError
 from smedjan.infer.detok import Detokenizer, StopText
-from smedjan.infer.runner import Runner
+from smedjan.infer.runner import runner_for
 from smedjan.infer.sampling import SamplingParams, sample
+from smedjan.tokenizer.specials import end_ids
 
 _ids = itertools.count()
 
@@ -80,10 +83,12 @@ class Sequence:
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 1, device=None, dtype=None,
-                 context: int | None = None):
-        self.runner = Runner(model, device, dtype)
-        self.tok = tokenizer
+                 context: int | None = None, path: str = "auto"):
+        """`path`: "auto" (the fast path where it applies), "model" (the model's own forward
+        with per-layer state) or "fast"."""
         self.context = min(context or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        self.runner = runner_for(model, device, dtype, self.context, path)
+        self.tok = tokenizer
         self.max_batch = max_batch
         self.vocab_size = model.cfg.vocab_size
         self.cache = self.runner.new_cache(max_batch, self.context)
@@ -91,7 +96,7 @@ class Engine:
         # Token ids whose keys/values row r holds in its first len() columns: a new
         # sequence that starts with them skips that part of its prefill (chat turns).
         self._cached: list[list[int]] = [[] for _ in range(max_batch)]
-        self.end_ids = frozenset(tokenizer.specials.values()) if tokenizer is not None else frozenset()
+        self.end_ids = end_ids(tokenizer) if tokenizer is not None else frozenset()
         self._state: dict[int, tuple] = {}  # seq.id -> (generator, seen mask, detokenizer, stop text)
 
     # ------------------------------------------------------------- admission
@@ -121,8 +126,11 @@ class Engine:
         row = len(self.active)
         start = 0
         if len(seqs) == 1:
-            start = _common_prefix(self._cached[row], seqs[0].prompt_ids)
+            cached = self._cached[row]
+            start = _common_prefix(cached, seqs[0].prompt_ids)
             start = min(start, len(seqs[0].prompt_ids) - 1)  # at least one token to get logits from
+            if start < len(cached) and not self.runner.truncatable:
+                start = 0  # a recurrent state holds all of `cached`: it cannot be cut back to a prefix
         # Forget what the prefill overwrites first, so an exception (Ctrl-C) midway
         # cannot leave a row claiming keys it no longer holds.
         for r in range(len(seqs)):
@@ -229,9 +237,7 @@ class Engine:
             moved = self.active[last]
             n = moved.length
             self._cached[r] = []
-            for k, v in zip(self.cache.k, self.cache.v):
-                k[r, :, :n] = k[last, :, :n]
-                v[r, :, :n] = v[last, :, :n]
+            self.runner.move_row(self.cache, last, r, n)
             self.active[r] = moved
             # `last` keeps its (still valid) copy of moved's ids; row r now holds them too.
             self._cached[r] = list(self._cached[last])
@@ -296,15 +302,11 @@ def decode_tokens_per_second(model, prompt_len: int = 16, new_tokens: int = 128,
     `repeats`; prefill excluded): what `smedjan bench` and bench/decode.py report. A model
     whose context is shorter than prompt + new tokens is measured on a copy with a longer
     one (RoPE has no learned positions, so the weights are the same)."""
-    import dataclasses
-
-    from smedjan.model.model import Transformer
+    from smedjan.model.model import meta_model
 
     need = prompt_len + new_tokens + 1
     if engine is None and model.cfg.max_seq_len < need:
-        cfg = dataclasses.replace(model.cfg, max_seq_len=need)
-        with torch.device("meta"):
-            longer = Transformer(cfg)
+        longer = meta_model(model.cfg.replace(max_seq_len=need))
         longer = longer.to_empty(device=model.tok_embeddings.weight.device)
         longer.load_state_dict(model.state_dict())
         model = longer.eval()

@@ -1,7 +1,16 @@
-"""The model's forward pass laid out for inference: prefill and one-token decode steps
-over a preallocated KV cache whose rows are independent sequences.
+"""Decoding: the model's own forward with per-layer state for every architecture
+(`ModelRunner`), and a fast path for the plain Llama case (`Runner`).
 
-`Transformer.forward` is written for training (one shape, autograd, `is_causal`).
+Both offer the same interface to the engine: `new_cache(batch, max_len)`,
+`prefill(cache, row, prompts, start)`, `decode(cache, tokens, lens)`,
+`move_row(cache, src, dst, length)` and `truncatable` (whether a row filled to n
+positions can be reused for a shorter prefix: a KV cache can, a recurrent state
+cannot). `runner_for(model)` picks the fast path when the model is attention + SwiGLU
+throughout (any GQA, per-layer windows, tied or untied head, soft-capped logits) and
+the model's path otherwise; tests/test_infer_paths.py checks that both give the same
+greedy tokens and logits.
+
+The fast path. `Transformer.forward` is written for training (one shape, autograd, `is_causal`).
 Decoding one token at a time on a CPU is dominated by per-op overhead and by how the
 weights are read, so the runner keeps its own copy of the weights, re-laid out once:
 - Q, K and V are one matrix, and so are the FFN's gate and up projections (3 and 2
@@ -37,7 +46,19 @@ import torch
 import torch.nn.functional as F
 
 from smedjan.infer import cpu_kernel
-from smedjan.model.model import KVCache, Transformer, attention_mask
+from smedjan.model.attention import Attention, causal_mask
+from smedjan.model.ffn import SwiGLU
+from smedjan.model.model import ModelState, Transformer
+
+
+class KVCache:
+    """Keys and values of past positions, preallocated: per layer [B, n_kv_heads, max_len, head_dim]."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
 
 
 @dataclass
@@ -47,21 +68,40 @@ class _Layer:
     wo: torch.Tensor  # [H hd, dim]
     w13: torch.Tensor  # [dim, 2 ffn]: gate | up, norm gain and sqrt(dim) folded in
     w2: torch.Tensor  # [ffn, dim]
+    window: int  # 0: the whole causal prefix
+
+
+def fast_path_refusal(model: Transformer) -> str | None:
+    """Why the fast path cannot run `model` (None when it can)."""
+    for i, block in enumerate(model.layers):
+        if type(block.mixer) is not Attention:
+            return f"layer {i} mixes with {block.mixer.KIND}"
+        if block.mixer.q_norm is not None:
+            return "QK-norm"
+        if type(block.ffn) is not SwiGLU:
+            return f"layer {i}'s feed-forward is {block.ffn.KIND}"
+    return None
 
 
 class Runner:
-    """Inference forward of a `Transformer` (see the module docstring). The model's own
-    parameters are not modified; the runner holds re-laid-out copies on `device`."""
+    """Inference forward of a plain attention + SwiGLU `Transformer` (see the module
+    docstring). The model's own parameters are not modified; the runner holds re-laid-out
+    copies on `device`."""
+
+    truncatable = True
 
     def __init__(self, model: Transformer, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, max_len: int | None = None):
+        why = fast_path_refusal(model)
+        assert why is None, f"the fast path does not run this model ({why}); use ModelRunner"
         cfg = self.cfg = model.cfg
         ref = model.tok_embeddings.weight
         self.device = torch.device(device) if device is not None else ref.device
         self.dtype = dtype or ref.dtype
-        H, Hkv, hd, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
+        a = cfg.attention
+        H, Hkv, hd, D = a.n_heads, a.n_kv_heads, a.head_dim, cfg.dim
         self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, hd
-        self.window = cfg.sliding_window
+        self.shape = cpu_kernel.Shape(D, H, Hkv, hd, cfg.ffn.hidden)
         self.kernel = cpu_kernel.load() if self.device.type == "cpu" and self.dtype == torch.float32 else None
         # Fold in float64 (then round once) so folding adds no rounding of its own.
         f64 = torch.float64
@@ -79,30 +119,39 @@ class Runner:
             q_scale = 1.0 / math.sqrt(hd)
             self.layers: list[_Layer] = []
             for block in model.layers:
-                a, f = block.attention, block.feed_forward
-                wqkv = torch.cat([a.wq.weight.to(f64) * q_scale, a.wk.weight, a.wv.weight])
+                m, f = block.mixer, block.ffn
+                wqkv = torch.cat([m.wq.weight.to(f64) * q_scale, m.wk.weight, m.wv.weight])
                 w13 = torch.cat([f.w1.weight, f.w3.weight])
-                self.layers.append(_Layer(mat(wqkv, block.attention_norm.weight), mat(a.wo.weight),
-                                          mat(w13, block.ffn_norm.weight), mat(f.w2.weight)))
+                self.layers.append(_Layer(mat(wqkv, block.mixer_norm.weight), mat(m.wo.weight),
+                                          mat(w13, block.ffn_norm.weight), mat(f.w2.weight), m.window))
             self.embedding = put(model.tok_embeddings.weight)
             self.head = mat(model.head_weight, model.norm.weight)
         # RMSNorm(x) @ W == (x * rsqrt(|x|^2 + dim * eps)) @ (sqrt(dim) * diag(g) W): only this sum remains.
         self.norm_eps = D * cfg.norm_eps
-        self.ffn = cfg.ffn_hidden
-        cos, sin = model.rope(self.device)  # [max_seq_len, hd], float32 (float64 for float64 models)
+        self.ffn = cfg.ffn.hidden
+        self.softcap = cfg.logit_softcap
+        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        rope_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        cos, sin = model.rope_tables.get(hd, self.max_len, self.device, rope_dtype)  # [>= max_len, hd]
         half = hd // 2
         # rotate_half(x) * sin == swap_halves(x) * [-sin, +sin]: a flip instead of slices and a cat.
         sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(sin)
         self.cos, self.sin = cos.contiguous(), (sin * sign).contiguous()
-        self.max_len = cfg.max_seq_len
         if self.kernel is not None:  # the C decode step reads these tensors through raw pointers
-            self._specs = [self.kernel.layer_spec(L.wqkv, L.wo, L.w13, L.w2, self.cos, self.sin, cfg, self.norm_eps)
-                           for L in self.layers]
-            self._scratch = torch.empty(self.kernel.scratch_size(cfg, cpu_kernel.MAX_ROWS))
+            self._specs = [self.kernel.layer_spec(L.wqkv, L.wo, L.w13, L.w2, self.cos, self.sin, self.shape, L.window,
+                                                  self.norm_eps) for L in self.layers]
+            self._scratch = torch.empty(self.kernel.scratch_size(self.shape, cpu_kernel.MAX_ROWS))
 
     # ------------------------------------------------------------------ helpers
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        return KVCache(self.cfg, batch, max_len or self.max_len, self.device, self.dtype)
+        n = max_len or self.max_len
+        assert n <= self.max_len, (n, self.max_len)
+        return KVCache(len(self.layers), self.n_kv_heads, self.head_dim, batch, n, self.device, self.dtype)
+
+    def move_row(self, cache: KVCache, src: int, dst: int, length: int) -> None:
+        for k, v in zip(cache.k, cache.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         """x * rsqrt(|x|^2 + dim*eps): the part of RMSNorm not folded into the next matrix.
@@ -131,7 +180,12 @@ class Runner:
         return F.linear(x, w)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mm(self._norm(x), self.head)
+        return self._softcap(self.mm(self._norm(x), self.head))
+
+    def _softcap(self, z: torch.Tensor) -> torch.Tensor:
+        if not self.softcap:
+            return z
+        return (torch.tanh(z.float() / self.softcap) * self.softcap).to(z.dtype)
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, cache: KVCache, row: int, prompts: list[list[int]], start: int = 0) -> torch.Tensor:
@@ -153,9 +207,13 @@ class Runner:
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         nqk = (H + Hkv) * hd
         cos, sin = self.cos[start:start + T, None], self.sin[start:start + T, None]  # [T, 1, hd]
-        mask = attention_mask(T, start + T, start, self.window, self.device)
+        q_pos = torch.arange(start, start + T, device=self.device)
+        masks: dict[int, torch.Tensor | None] = {}
         x = self.embedding[ids]  # [n, T, dim]
         for i, L in enumerate(self.layers):
+            if L.window not in masks:  # None: plain `is_causal` says it (a fresh prefill, no window)
+                masks[L.window] = None if (start == 0 and L.window == 0) else causal_mask(q_pos, start + T, L.window)
+            mask = masks[L.window]
             qkv = self.mm(self._norm(x), L.wqkv)  # [n, T, (H + 2 Hkv) hd]
             qk = self._rope(qkv[..., :nqk].view(n, T, H + Hkv, hd), cos, sin)
             q = qk[:, :, :H].transpose(1, 2)  # [n, H, T, hd]
@@ -190,27 +248,34 @@ class Runner:
             pos = torch.tensor(lens, dtype=torch.int64)
             for spec, k, v in zip(self._specs, cache.k, cache.v):
                 self.kernel.layer(spec, x, pos, k, v, self._scratch)
-            return self.kernel.head(x, self.norm_eps, self.head, self._scratch)
+            return self._softcap(self.kernel.head(x, self.norm_eps, self.head, self._scratch))
         same = min(lens) == top
-        window = self.window
         if same:
-            # Every row at the same column: slice writes; a sliding window is a narrower slice.
             pos = top
-            lo = max(0, pos + 1 - window) if window else 0
             cos, sin = self.cos[pos], self.sin[pos]  # [hd]
-            mask = None
         else:
             cols = torch.tensor(lens, device=self.device)  # [n]
             rows = torch.arange(n, device=self.device)
-            lo = max(0, min(lens) + 1 - window) if window else 0
             cos, sin = self.cos[cols, None], self.sin[cols, None]  # [n, 1, hd]
-            span = torch.arange(lo, top + 1, device=self.device)
-            keep = span[None, :] <= cols[:, None]  # [n, S]: row r sees its own columns only
-            if window:
-                keep &= span[None, :] > cols[:, None] - window
-            mask = keep[:, None, None, :]  # [n, 1, 1, S], broadcast over heads
+        spans: dict[int, tuple[int, torch.Tensor | None]] = {}
+
+        def span(window: int) -> tuple[int, torch.Tensor | None]:
+            """(first column, mask [n, 1, 1, S] or None) of a layer with this window."""
+            if window not in spans:
+                if same:  # every row at the same column: slice reads; a window is a narrower slice
+                    spans[window] = (max(0, pos + 1 - window) if window else 0, None)
+                else:
+                    lo = max(0, min(lens) + 1 - window) if window else 0
+                    cols_s = torch.arange(lo, top + 1, device=self.device)
+                    keep = cols_s[None, :] <= cols[:, None]  # [n, S]: row r sees its own columns only
+                    if window:
+                        keep &= cols_s[None, :] > cols[:, None] - window
+                    spans[window] = (lo, keep[:, None, None, :])
+            return spans[window]
+
         x = self.embedding[tokens.to(self.device)]  # [n, dim]
         for i, L in enumerate(self.layers):
+            lo, mask = span(L.window)
             qkv = self.mm(self._norm(x), L.wqkv)  # [n, (H + 2 Hkv) hd]
             qk = self._rope(qkv[:, :nqk].view(n, H + Hkv, hd), cos, sin)
             v = qkv[:, nqk:].view(n, Hkv, hd)
@@ -227,3 +292,49 @@ class Runner:
             g = self.mm(self._norm(x), L.w13)
             x = x + self.mm(F.silu(g[:, :self.ffn]) * g[:, self.ffn:], L.w2)
         return self._logits(x)
+
+
+class ModelRunner:
+    """Decoding through the model's own forward with per-layer state: every architecture.
+    Prompts are prefilled one at a time at their exact lengths (a recurrent state must
+    not see padding); decode steps run all rows together at their own positions."""
+
+    def __init__(self, model: Transformer, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, max_len: int | None = None):
+        self.model = model
+        ref = model.tok_embeddings.weight
+        self.device = torch.device(device) if device is not None else ref.device
+        self.dtype = dtype or ref.dtype
+        if self.device != ref.device or self.dtype != ref.dtype:
+            self.model = model = model.to(device=self.device, dtype=self.dtype)
+        self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        self.truncatable = all(block.mixer.TRUNCATABLE for block in model.layers)
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> ModelState:
+        return self.model.new_state(batch, max_len or self.max_len, self.device, self.dtype)
+
+    def move_row(self, cache: ModelState, src: int, dst: int, length: int) -> None:
+        cache.move_row(src, dst, length)
+
+    def prefill(self, cache: ModelState, row: int, prompts: list[list[int]], start: int = 0) -> torch.Tensor:
+        out = []
+        for r, p in enumerate(prompts):
+            ids = torch.tensor([p], dtype=torch.long, device=self.device)
+            out.append(self.model(ids, state=cache, start=start, rows=slice(row + r, row + r + 1))[0, -1])
+        return torch.stack(out)
+
+    def decode(self, cache: ModelState, tokens: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        n = len(lens)
+        ids = tokens.to(self.device)[:, None]
+        if min(lens) == max(lens):
+            start: int | torch.Tensor = lens[0]
+        else:
+            start = torch.tensor(lens, device=self.device)
+        return self.model(ids, state=cache, start=start, rows=slice(0, n))[:, -1]
+
+
+def runner_for(model: Transformer, device=None, dtype=None, max_len: int | None = None, path: str = "auto"):
+    """The fast path when it runs this model (and `path` allows), else the model's own."""
+    if path == "fast" or (path == "auto" and fast_path_refusal(model) is None):
+        return Runner(model, device, dtype, max_len)
+    return ModelRunner(model, device, dtype, max_len)

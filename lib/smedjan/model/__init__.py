@@ -1,4 +1,4 @@
-"""The model family: one config dataclass, one preset table, one Transformer.
+"""The model family: one config dataclass, parts from two registries, one Transformer.
 
     from smedjan.model import ModelConfig, Transformer
     model = Transformer(ModelConfig.from_preset("tiny", vocab_size=8192))
@@ -7,6 +7,8 @@
 
 from smedjan.model.config import PRESETS, ModelConfig
 from smedjan.model.load import load_model, model_from_checkpoint
-from smedjan.model.model import KVCache, Transformer
+from smedjan.model.model import ModelState, Transformer
+from smedjan.model.registry import FEED_FORWARDS, MIXERS
 
-__all__ = ["ModelConfig", "PRESETS", "Transformer", "KVCache", "load_model", "model_from_checkpoint"]
+__all__ = ["ModelConfig", "PRESETS", "Transformer", "ModelState", "MIXERS", "FEED_FORWARDS", "load_model",
+           "model_from_checkpoint"]

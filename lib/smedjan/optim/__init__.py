@@ -4,7 +4,7 @@
     opt = build_optimizer("adamw", param_groups(model, weight_decay=0.1), OptimizerSettings(lr=3e-4))
 """
 
-from smedjan.optim.groups import DECAYED_ROLES, ROLES, param_groups, role_of
+from smedjan.optim.groups import DECAYED_ROLES, ROLES, param_groups, param_roles
 from smedjan.optim.registry import OPTIMIZERS, OptimizerSettings, build_optimizer
 
-__all__ = ["param_groups", "role_of", "ROLES", "DECAYED_ROLES", "OPTIMIZERS", "OptimizerSettings", "build_optimizer"]
+__all__ = ["param_groups", "param_roles", "ROLES", "DECAYED_ROLES", "OPTIMIZERS", "OptimizerSettings", "build_optimizer"]

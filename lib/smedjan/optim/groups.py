@@ -1,11 +1,13 @@
 """Parameter groups by role: which tensors get weight decay, and which optimizer later.
 
-Every parameter of a model gets one role:
-- `matrix`:    2-D weights inside the blocks (attention wq/wk/wv/wo, FFN w1/w2/w3).
+Every parameter of a model has one role, declared by the part that owns it
+(`Transformer.param_roles()`; see smedjan.model.parts):
+- `matrix`:    2-D weights inside the blocks (attention wq/wk/wv/wo, FFN w1/w2/w3, ...).
                The only role with weight decay; the one Muon-style optimizers take.
 - `embedding`: the token embedding, which is also the output head when tied.
-- `head`:      an untied output head (imported models).
-- `norm`:      RMSNorm gains and any other 1-D (vector) parameter.
+- `head`:      an untied output head.
+- `norm`:      RMSNorm gains (block norms, QK-norm gains, ...).
+- `scalar`:    other small learned vectors or scalars.
 
 Why decay only `matrix`: decoupled weight decay (AdamW) pulls every weight towards 0
 by lr * wd each step, whether or not the weight got a gradient. For the hidden
@@ -25,19 +27,16 @@ from __future__ import annotations
 
 from torch import nn
 
-ROLES = ("matrix", "embedding", "head", "norm")
-DECAYED_ROLES = frozenset({"matrix"})
+from smedjan.model.parts import MATRIX, ROLES
+
+DECAYED_ROLES = frozenset({MATRIX})
 
 
-def role_of(name: str, param) -> str:
-    """The role of parameter `name` (a name from `model.named_parameters()`)."""
-    if param.ndim < 2:
-        return "norm"
-    if name.endswith("tok_embeddings.weight"):
-        return "embedding"
-    if name.endswith("output.weight"):
-        return "head"
-    return "matrix"
+def param_roles(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> role, as the model's parts declare them (no name matching)."""
+    if not hasattr(model, "param_roles"):
+        raise TypeError(f"{type(model).__name__} declares no parameter roles (param_roles())")
+    return model.param_roles()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -45,11 +44,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     parameters. Each group carries `role`, `names` (parallel to `params`) and its
     `weight_decay` (the given value for `matrix`, 0 otherwise)."""
     by_role: dict[str, tuple[list, list[str]]] = {r: ([], []) for r in ROLES}
+    roles = param_roles(model)
     # named_parameters() yields a tied tensor once, so the tied head is not counted twice.
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        params, names = by_role[role_of(name, p)]
+        params, names = by_role[roles[name]]
         params.append(p)
         names.append(name)
     groups = []

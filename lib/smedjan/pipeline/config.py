@@ -2,7 +2,8 @@
 
 A pipeline file holds only flags. Its sections are stages, in this fixed order:
 
-    [corpus]     input = [...]           the text the tokenizer and prepare read
+    [corpus]     input = [...]           the text the tokenizer and prepare read: files,
+                                         folders, globs, hf://datasets/... (see corpus.py)
     [tokenizer]  flags of `smedjan tokenizer`
     [prepare]    flags of `smedjan prepare`
     [train]      flags of `smedjan train`
@@ -10,6 +11,10 @@ A pipeline file holds only flags. Its sections are stages, in this fixed order:
     [dpo]        data = [...] + flags of `smedjan dpo`        (optional)
     [export]     quant = ["q4_0", ...] + flags of `smedjan export-gguf`
     [eval]       flags of `smedjan eval`                      (optional)
+
+`[eval] data_dir` names the eval data (relative to the repository, like all data paths);
+when that folder is absent, the tasks that need it are left out of the eval command with
+a note (in the stage's log lines and the report), and eval still measures val.bin.
 
 A key `some_flag = value` becomes `--some-flag value`; a list repeats the flag; true
 becomes `--some-flag`, false `--no-some-flag`. The paths between stages are wired here
@@ -32,6 +37,7 @@ from pathlib import Path
 
 from smedjan.errors import UserError
 
+CORPUS_LOCK = "corpus.lock.json"  # runs/NAME/: a hub corpus pinned to commits (smedjan.pipeline.corpus)
 STAGE_ORDER = ("tokenizer", "prepare", "train", "sft", "dpo", "export", "eval")
 SECTIONS = ("corpus",) + STAGE_ORDER
 REQUIRED = ("corpus", "tokenizer", "prepare", "train", "export")
@@ -59,6 +65,8 @@ class Stage:
     log: str  # JSON summaries of the stage's runs
     checkpoint_dir: str | None = None  # train/sft/dpo: states for crash-resume
     extra_clean: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # said when the stage runs (what was left out, why)
+    hub_lock: str | None = None  # tokenizer/prepare of a hub corpus: the lock that pins its inputs
 
 
 @dataclass
@@ -68,6 +76,12 @@ class Pipeline:
     root: Path  # runs/NAME
     settings: dict
     stages: list[Stage]
+    hub_inputs: list[str] = field(default_factory=list)  # [corpus] entries on the hub, as written
+
+    @property
+    def lock(self) -> Path:
+        """The hub corpus pinned to commits (smedjan.pipeline.corpus); only with hub inputs."""
+        return self.root / CORPUS_LOCK
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -97,11 +111,18 @@ def flags(section: dict, skip: set[str] = frozenset()) -> list[str]:
 
 
 def expand_files(inputs: list[str], base: Path) -> list[str]:
-    """Corpus entries (files, folders, globs) -> the sorted files they stand for."""
+    """Local corpus entries (files, folders, globs) -> the sorted files they stand for."""
     from smedjan.data.sources import expand_inputs
 
     resolved = [str(p if Path(p).is_absolute() else base / p) for p in inputs]
     return [str(p) for p in expand_inputs(resolved)]
+
+
+def _corpus_entry(entry: str, base: Path) -> str:
+    """A corpus entry as the tools get it: hub inputs as written, paths from `base`."""
+    from smedjan.data.hub import is_hub_url
+
+    return entry if is_hub_url(entry) or Path(entry).is_absolute() else str(base / entry)
 
 
 def _final_model(root: Path, settings: dict) -> str:
@@ -138,10 +159,15 @@ def load_pipeline(path: str | os.PathLike, runs: str | os.PathLike = "runs", bas
         if bad:
             raise UserError(f"{path}: [{sec}] sets {sorted(bad)[0]!r}, which the pipeline wires itself")
     corpus = settings["corpus"].get("input")
-    if not corpus or not isinstance(corpus, list):
-        raise UserError(f"{path}: [corpus] needs input = [files, folders or globs]")
+    if not corpus or not isinstance(corpus, list) or not all(isinstance(c, str) for c in corpus):
+        raise UserError(f"{path}: [corpus] needs input = [files, folders, globs or hf://datasets/... inputs]")
+    from smedjan.data.hub import is_hub_url, parse
+
+    hub_inputs = [c for c in corpus if is_hub_url(c)]
     try:
-        corpus_files = expand_files(corpus, base)
+        for c in hub_inputs:  # the form only: resolving needs the network, and happens when a stage runs
+            parse(c)
+        corpus_files = expand_files([c for c in corpus if not is_hub_url(c)], base)
     except UserError as e:
         raise UserError(f"{path}: [corpus] {e}") from None
     root = Path(runs) / name
@@ -153,12 +179,18 @@ def load_pipeline(path: str | os.PathLike, runs: str | os.PathLike = "runs", bas
     def add(name: str, args: list[list[str]], deps: list[str], targets: list[str], cfg: dict, ckdir: str | None = None):
         stages.append(Stage(name, args, deps, targets, {"args": args, **cfg}, str(logs / f"{name}.json"), ckdir))
 
-    corpus_args = [a for f in corpus for a in ("--input", str(f if Path(f).is_absolute() else base / f))]
+    corpus_args = [a for f in corpus for a in ("--input", _corpus_entry(f, base))]
+    # A hub corpus counts by its lock (commit and file list), a file that corpus:NAME writes.
+    lock = root / CORPUS_LOCK
+    corpus_deps = corpus_files + ([str(lock)] if hub_inputs else [])
     add("tokenizer", [["tokenizer", *corpus_args, "--output", str(tok), *flags(st["tokenizer"])]],
-        corpus_files, [str(tok)], {"corpus": corpus_files})
+        corpus_deps, [str(tok)], {"corpus": corpus_files + hub_inputs})
     add("prepare", [["prepare", *corpus_args, "--tokenizer", str(tok), "--output", str(train_bin),
                      "--val-output", str(val_bin), *flags(st["prepare"])]],
-        [str(tok), *corpus_files], [str(train_bin), str(val_bin)], {"corpus": corpus_files})
+        [str(tok), *corpus_deps], [str(train_bin), str(val_bin)], {"corpus": corpus_files + hub_inputs})
+    if hub_inputs:
+        for s in stages:  # tokenizer and prepare: their commands get the locked commits
+            s.hub_lock = str(lock)
     ck = root / "checkpoints"
     final = ck / "final.bin"
     add("train", [["train", "--dataset", str(train_bin), "--val-dataset", str(val_bin), "--tokenizer", str(tok),
@@ -189,11 +221,36 @@ def load_pipeline(path: str | os.PathLike, runs: str | os.PathLike = "runs", bas
                    for q, g in zip(quants, ggufs)], [str(model)], ggufs, {})
     if "eval" in st:
         out = str(root / "eval.json")
+        try:
+            section, notes = _eval_section(dict(st["eval"]), base)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
         add("eval", [["eval", "--checkpoint", str(final), "--dataset", str(val_bin), "--output-json", out,
-                      *flags(st["eval"])]], [str(final), str(val_bin)], [out], {})
+                      *flags(section)]], [str(final), str(val_bin)], [out], {})
+        stages[-1].notes = notes
     for s in stages:
         s.config["digest"] = _digest(s.config)
-    return Pipeline(name, path, root, settings, stages)
+    return Pipeline(name, path, root, settings, stages, hub_inputs)
+
+
+def _eval_section(section: dict, base: Path) -> tuple[dict, list[str]]:
+    """[eval] flags with data_dir taken from `base`; without that folder, the tasks that read
+    it are left out, with a note saying so (eval still measures val.bin)."""
+    data_dir = section.get("data_dir")
+    if data_dir is None:
+        return section, []
+    if not isinstance(data_dir, str):
+        raise UserError(f"[eval] data_dir must be a folder name, not {data_dir!r}")
+    folder = Path(data_dir) if Path(data_dir).is_absolute() else base / data_dir
+    section["data_dir"] = str(folder)
+    if folder.is_dir() or not section.get("tasks"):
+        return section, []
+    tasks = section.pop("tasks")
+    section.pop("data_dir")
+    section.pop("max_per_task", None)
+    return section, [f"eval tasks {tasks} skipped: their data folder {folder} is absent (not shipped: put "
+                     "nanochat's eval bundle there, core/<category>/<task>.jsonl, or point [eval] data_dir at it); "
+                     "eval measures val.bin only"]
 
 
 def load_pipelines(folder: str | os.PathLike, runs: str | os.PathLike = "runs",

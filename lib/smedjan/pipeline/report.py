@@ -164,6 +164,11 @@ def write_report(pipe: Pipeline) -> Path:
             bpt = bytes_per_token(pipe)
             if bpt:
                 figures["bytes/token (val.bin)"] = round(bpt, 3)
+        if stage.name in ("tokenizer", "prepare") and stage.hub_lock:
+            from smedjan.pipeline.corpus import describe, read_lock
+
+            for url, what in describe(read_lock(stage.hub_lock)).items():
+                figures[f"corpus {url}"] = what
         if stage.checkpoint_dir:
             m = _metrics(Path(stage.checkpoint_dir) / "metrics.jsonl")
             if m:
@@ -189,6 +194,7 @@ def write_report(pipe: Pipeline) -> Path:
                 f"- outputs: {', '.join(f'`{p}`' for p in stage.targets)}",
                 f"- duration: {seconds} s" if seconds is not None else "- duration: not run yet"]
         sec += [f"- {k}: {_fmt(v)}" for k, v in figures.items()]
+        sec += [f"- note: {n}" for n in stage.notes]
         sections.append("\n".join(sec) + "\n")
     png = plot_losses(curves, root / "loss.png")
     lines += ["## Stages", "", "| stage | seconds | headline |", "|---|---|---|", *rows, ""]

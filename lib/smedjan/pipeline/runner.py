@@ -4,6 +4,10 @@ Each command runs as `python -m smedjan_tools.cli ... --json` in the same Python
 stderr (progress, warnings) passed through and stdout (the JSON summary) kept in
 `runs/NAME/logs/STAGE.json` together with the command lines and the duration.
 
+Stages that read a hub corpus run with each hf:// input pinned to the commit in the
+pipeline's lock (smedjan.pipeline.corpus); when the first file is neither in the hub cache
+nor downloadable (offline, hub unreachable), the stage stops with one line before starting.
+
 Training stages (train, sft, dpo) keep their states in a folder of their own. A marker
 file there records a digest of the stage's flags and inputs: a re-run with the same
 flags on the same files (after a crash or Ctrl-C) resumes from the newest state;
@@ -73,15 +77,38 @@ def _prepare_checkpoint_dir(stage: Stage) -> list[str]:
     return []
 
 
+def _pinned_commands(stage: Stage, pipeline: str) -> tuple[list[list[str]], str | None]:
+    """The stage's commands with hub inputs pinned to the locked commits; or a one-line
+    failure when the first file to read can be neither found in the hub cache nor downloaded."""
+    if not stage.hub_lock:
+        return stage.command, None
+    from smedjan.errors import UserError
+    from smedjan.pipeline import corpus
+
+    lock = corpus.read_lock(stage.hub_lock)
+    try:
+        why = corpus.cannot_download(lock)
+    except UserError as e:
+        why = str(e)
+    if why:
+        return [], f"pipeline {pipeline!r}, stage {stage.name!r}: {why}"
+    return [corpus.pin(args, lock) for args in stage.command], None
+
+
 def run_stage(stage: Stage, pipeline: str = "") -> str | None:
     """Run a stage; return None on success or a one-line failure naming the stage."""
+    commands, failure = _pinned_commands(stage, pipeline)
+    if failure:
+        return failure
     Path(stage.log).parent.mkdir(parents=True, exist_ok=True)
     for t in stage.targets:
         Path(t).parent.mkdir(parents=True, exist_ok=True)
+    for note in stage.notes:
+        print(f"[{pipeline}:{stage.name}] note: {note}", file=sys.stderr, flush=True)
     extra = _prepare_checkpoint_dir(stage) if stage.checkpoint_dir else []
     t0 = time.monotonic()
     runs = []
-    for args in stage.command:
+    for args in commands:
         args = [*args, *extra]
         print(f"[{pipeline}:{stage.name}] smedjan {shlex.join(args)}", file=sys.stderr, flush=True)
         start = time.monotonic()
@@ -99,7 +126,7 @@ def run_stage(stage: Stage, pipeline: str = "") -> str | None:
                      "summary": summary})
     log = {"stage": stage.name, "pipeline": pipeline, "seconds": round(time.monotonic() - t0, 2),
            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "inputs": stage.file_dep, "outputs": stage.targets,
-           "runs": runs}
+           "notes": stage.notes, "runs": runs}
     with atomic_write(stage.log, "w") as f:
         json.dump(log, f, indent=1)
     ran_this_session.append(f"{pipeline}:{stage.name}")

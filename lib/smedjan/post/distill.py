@@ -19,13 +19,14 @@ and so must the dataset. The teacher stays in memory (frozen, eval mode) during 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from smedjan.errors import UserError
+from smedjan.options import option, retitled
 from smedjan.post.run import PostArgs
+from smedjan.training.options import ModelOptions, RunOptions, model_config
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor, temperature: float,
@@ -61,55 +62,55 @@ def make_distill_loss(teacher: torch.nn.Module, temperature: float, alpha: float
 
 
 # ------------------------------------------------------------------------------- the run
-@dataclass
-class DistillArgs(PostArgs):
-    teacher: str = ""
-    dataset: str = ""
-    val_dataset: str | None = None
-    init: str | None = None
-    size: str | None = None
-    dim: int | None = None
-    layers: int | None = None
-    heads: int | None = None
-    ffn_mult: float | None = None
-    kv_heads: int | None = None
-    max_seq_len: int | None = None
-    seq_len: int = 256
-    temperature: float = 2.0
-    alpha: float = 0.5
-    val_tokens: int = 262_144
-    bos_aligned: bool = False
+@dataclass(kw_only=True)
+class DistillArgs(PostArgs, ModelOptions):
+    teacher: str = option(help="Teacher model checkpoint (carries the tokenizer).")
+    dataset: str = option(help="Token file to distil on (made with the teacher's tokenizer).")
+    val_dataset: str | None = option(None, "Held-out token file: student (and teacher) val loss and bits per byte.")
+    init: str | None = option(None, "Start the student from this checkpoint (same tokenizer as the teacher).")
+    size: str | None = retitled(ModelOptions, "size", None, help="Student size: tiny, small, medium, large, max "
+                                "or custom (default small; not with --init). The other architecture flags shape "
+                                "the student as in `smedjan train`.")
+    seq_len: int = option(256, "Tokens per sequence.")
+    temperature: float = option(2.0, "Softmax temperature T of the KL term.")
+    alpha: float = option(0.5, "Weight of the KL term; 1 - alpha weighs the CE.")
+    val_tokens: int = option(262_144, "Validation target tokens per evaluation (from the start of --val-dataset).")
+    bos_aligned: bool = option(False, "Start every sequence at a document's BOS (default: random windows).")
+    batch_size: int = retitled(RunOptions, "batch_size", 32)
+    lr: float = retitled(RunOptions, "lr", 3e-4)
+    weight_decay: float = retitled(RunOptions, "weight_decay", 0.1)
 
 
 def student_config(a: DistillArgs, teacher_cfg, init_ck):
-    """The student's ModelConfig: --init's, or built from the size flags at the teacher's vocabulary."""
-    from smedjan.training.pretrain import config_from_flags
+    """The student's ModelConfig: --init's, or built from the architecture flags at the teacher's vocabulary."""
+    from smedjan.training.options import ARCH_FLAGS, ModelOptions
+    from smedjan.training.pretrain import apply_yarn
 
     if init_ck is not None:
-        given = [f"--{n.replace('_', '-')}" for n in ("size", "dim", "layers", "heads", "ffn_mult", "kv_heads",
-                                                      "max_seq_len") if getattr(a, n) is not None]
+        defaults = ModelOptions.__dataclass_fields__
+        given = [f"`{n}`" for n in ("size", *ARCH_FLAGS, "yarn_scale") if getattr(a, n) != defaults[n].default]
         if given:
-            raise UserError(f"{', '.join(given)} cannot be combined with --init (the student is {a.init}'s model)")
+            raise UserError(f"{', '.join(given)} cannot be combined with `init` (the student is {a.init}'s model)")
         return init_ck.config
-    flags = SimpleNamespace(size=a.size or "small", dim=a.dim, layers=a.layers, heads=a.heads, ffn_mult=a.ffn_mult,
-                            kv_heads=a.kv_heads, sliding_window=None, rope_theta=None, untied=None)
-    return config_from_flags(flags, teacher_cfg.vocab_size, a.max_seq_len or a.seq_len)
+    cfg = model_config(a, teacher_cfg.vocab_size, a.max_seq_len or a.seq_len)
+    return apply_yarn(cfg, a.yarn_scale, "`yarn_scale`")
 
 
 def run(a: DistillArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]:
     """Check every input, distil, write --output; returns (summary, TrainResult)."""
-    from smedjan.cli import log
+    from smedjan.console import log
     from smedjan.data.loader import Loader, n_sequential_batches
     from smedjan.formats.checkpoint import load_checkpoint
     from smedjan.formats.tokens import TokenFile, check_tokenizer_match
     from smedjan.model import Transformer, model_from_checkpoint
-    from smedjan.post.run import base_summary, check_common, resolve_steps, setup_device, train_model
+    from smedjan.post.run import base_summary, check_common, resolve_steps, train_model
+    from smedjan.training.driver import setup
     from smedjan.training.pretrain import make_evaluator
 
     if not a.seq_len >= 1:
-        raise UserError(f"--seq-len {a.seq_len} must be >= 1")
+        raise UserError(f"`seq_len` {a.seq_len} must be >= 1")
     if not a.val_tokens >= 1:
-        raise UserError(f"--val-tokens {a.val_tokens} must be >= 1")
+        raise UserError(f"`val_tokens` {a.val_tokens} must be >= 1")
     make_distill_loss(torch.nn.Identity(), a.temperature, a.alpha)  # flag checks before any loading
     ckpt_dir, resumed = check_common(a, "distill")
     t_ck = load_checkpoint(a.teacher)
@@ -133,9 +134,9 @@ def run(a: DistillArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, obj
         raise UserError(f"the student has {cfg.vocab_size} tokens, the teacher {t_cfg.vocab_size}")
     for who, c in (("teacher", t_cfg), ("student", cfg)):
         if a.seq_len > c.max_seq_len:
-            raise UserError(f"--seq-len {a.seq_len} is past the {who}'s context of {c.max_seq_len} positions")
+            raise UserError(f"`seq_len` {a.seq_len} is past the {who}'s context of {c.max_seq_len} positions")
 
-    ctx, device, amp = setup_device(a)
+    ctx, device, amp = setup(a)
     loader = Loader(train_tf, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed, rank=ctx.rank,
                     world_size=ctx.world_size, bos_aligned=a.bos_aligned)
     if val_tf is not None:
@@ -151,7 +152,7 @@ def run(a: DistillArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, obj
         with torch.no_grad():
             teacher_val = evaluator(teacher)
     if ctx.is_main:
-        log(f"teacher: dim {t_cfg.dim}, {t_cfg.n_layers} layers, {t_cfg.n_params():,} parameters; student "
+        log(f"teacher: {t_cfg.describe()}, {t_cfg.n_params():,} parameters; student "
             f"{t_cfg.n_params() / cfg.n_params():.1f}x smaller; T {a.temperature:g}, alpha {a.alpha:g}; "
             f"{steps:,} steps from {how}")
     result, _ = train_model("distill", a, model, tok, cfg, loader, make_distill_loss(teacher, a.temperature, a.alpha),

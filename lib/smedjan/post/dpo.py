@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from smedjan.errors import UserError
 from smedjan.post.batching import ShuffledBatches, digest_rows, pad_rows
 from smedjan.post.formats import LoadReport, Pair
-from smedjan.post.run import PostArgs
+from smedjan.options import option, retitled
+from smedjan.post.run import ChatDataArgs, PostArgs
 from smedjan.post.sft import TOO_LONG, pad_id
 
 LOSSES = ("sigmoid", "ipo", "hinge", "robust")
@@ -154,7 +155,7 @@ def pair_logps(model, pairs: list[TokPair], batch_size: int, device, amp=None, r
                world_size: int = 1, ctx=None, show: str | None = None) -> torch.Tensor:
     """float64 [N, 2] on the CPU: summed log-probs of each pair's chosen and rejected reply.
     Under DDP each rank scores its share and `ctx` sums them. `show`: a progress label."""
-    from smedjan.cli import progress
+    from smedjan.console import progress
 
     was_training = model.training
     model.eval()
@@ -273,20 +274,19 @@ def recent_rewards(metrics_path, step: int, last: int = 10) -> dict:
 
 
 # ------------------------------------------------------------------------------- the run
-@dataclass
-class DpoArgs(PostArgs):
-    checkpoint: str = ""
-    ref_checkpoint: str | None = None
-    data: tuple = ()
-    format: str = "auto"
-    val_data: tuple = ()
-    val_fraction: float = 0.05
-    max_len: int | None = None  # None: the model's context
-    max_prompt_len: int | None = None  # None: max_len // 2
-    too_long: str = "truncate"
-    beta: float = 0.1
-    loss: str = "sigmoid"
-    label_smoothing: float = 0.0
+@dataclass(kw_only=True)
+class DpoArgs(PostArgs, ChatDataArgs):
+    checkpoint: str = retitled(ChatDataArgs, "checkpoint", help="Model to train (sft.bin); also the reference "
+                               "unless --ref-checkpoint.")
+    ref_checkpoint: str | None = option(None, "Reference model for the log-prob ratios (default: --checkpoint); "
+                                              "same tokenizer.")
+    beta: float = option(0.1, "Strength of the KL pull towards the reference.")
+    loss: str = option("sigmoid", "sigmoid, ipo, hinge or robust.")
+    label_smoothing: float = option(0.0, "Assumed fraction of flipped labels, in [0, 0.5) (sigmoid and robust).")
+    format: str = option("auto", "auto, prompt, hh-rlhf, alpaca or sharegpt.")
+    max_prompt_len: int | None = option(None, "Truncation keeps at least this many prompt tokens (default: "
+                                              "--max-len / 2).")
+    lr: float = retitled(PostArgs, "lr", 5e-6)
 
 
 def _load_pairs(a: DpoArgs, tok, max_len: int, max_prompt_len: int):
@@ -313,10 +313,10 @@ def _load_pairs(a: DpoArgs, tok, max_len: int, max_prompt_len: int):
 
 def run(a: DpoArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]:
     """Check every input, score the reference once, train, write --output; returns (summary, TrainResult)."""
-    from smedjan.cli import log
+    from smedjan.console import log
     from smedjan.model import model_from_checkpoint
-    from smedjan.post.run import (base_summary, check_common, load_chat_model_checkpoint, resolve_steps,
-                                  setup_device, train_model)
+    from smedjan.post.run import base_summary, check_common, load_chat_model_checkpoint, resolve_steps, train_model
+    from smedjan.training.driver import setup
 
     check_loss_flags(a.beta, a.loss, a.label_smoothing)
     ckpt_dir, resumed = check_common(a, "dpo")
@@ -333,11 +333,11 @@ def run(a: DpoArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]
         max_len = a.max_len or min(cfg.max_seq_len, ref_ck.config.max_seq_len)
     limit = min(cfg.max_seq_len, ref_ck.config.max_seq_len if ref_ck else cfg.max_seq_len)
     if not 3 <= max_len <= limit:
-        raise UserError(f"--max-len {max_len} must be between 3 and the models' context of {limit}")
+        raise UserError(f"`max_len` {max_len} must be between 3 and the models' context of {limit}")
     max_prompt_len = a.max_prompt_len or max_len // 2
     train, val, report = _load_pairs(a, tok, max_len, max_prompt_len)
 
-    ctx, device, amp = setup_device(a)
+    ctx, device, amp = setup(a)
     # Reference log-probs, once, before any update; a separate reference is freed before training.
     ref_model = model_from_checkpoint(ref_ck if ref_ck is not None else ck, device)
     if ctx.is_main:

@@ -13,7 +13,6 @@ plus a float64 accumulator. The output carries the config and the tokenizer.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -36,7 +35,7 @@ def normalized_weights(n: int, weights: list[float] | None) -> list[float]:
 
 
 def _config_difference(a, b) -> str | None:
-    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+    da, db = a.flat(), b.flat()
     da.pop("preset"), db.pop("preset")
     for k in sorted(set(da) | set(db)):
         if da.get(k) != db.get(k):

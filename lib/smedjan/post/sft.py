@@ -29,7 +29,8 @@ from smedjan.errors import UserError
 from smedjan.formats import constants as C
 from smedjan.post.batching import ShuffledBatches, digest_rows, pad_rows
 from smedjan.post.formats import Conversation, LoadReport
-from smedjan.post.run import PostArgs
+from smedjan.options import option
+from smedjan.post.run import ChatDataArgs, PostArgs
 
 TOO_LONG = ("truncate", "skip")
 
@@ -130,32 +131,26 @@ def make_evaluator(examples: list[Example], batch_size: int, ctx):
 
 # ------------------------------------------------------------------------------- the run
 
-@dataclass
-class SftArgs(PostArgs):
-    checkpoint: str = ""
-    data: tuple = ()
-    format: str = "auto"
-    val_data: tuple = ()
-    val_fraction: float = 0.05
-    max_len: int | None = None  # None: the model's context
-    too_long: str = "truncate"
+@dataclass(kw_only=True)
+class SftArgs(PostArgs, ChatDataArgs):
+    format: str = option("auto", "auto, messages, sharegpt, alpaca or prompt-response.")
 
 
 def run(a: SftArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]:
     """Check every input, fine-tune, write --output; returns (summary, TrainResult)."""
-    from smedjan.cli import log
+    from smedjan.console import log
     from smedjan.model import model_from_checkpoint
     from smedjan.post.batching import split_indices
     from smedjan.post.formats import load_conversations
-    from smedjan.post.run import (base_summary, check_common, load_chat_model_checkpoint, resolve_steps,
-                                  setup_device, train_model)
+    from smedjan.post.run import base_summary, check_common, load_chat_model_checkpoint, resolve_steps, train_model
+    from smedjan.training.driver import setup
 
     ckpt_dir, resumed = check_common(a, "sft")
     ck, tok = load_chat_model_checkpoint(a.checkpoint)
     cfg = ck.config
     max_len = a.max_len or cfg.max_seq_len
     if not 2 <= max_len <= cfg.max_seq_len:
-        raise UserError(f"--max-len {max_len} must be between 2 and the model's context of {cfg.max_seq_len}")
+        raise UserError(f"`max_len` {max_len} must be between 2 and the model's context of {cfg.max_seq_len}")
     convs, report = load_conversations(list(a.data), a.format)
     examples = tokenize_conversations(tok, convs, max_len, a.too_long, report)
     if a.val_data:
@@ -165,7 +160,7 @@ def run(a: SftArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]
         train = examples
     else:
         if not 0.0 <= a.val_fraction < 1.0:
-            raise UserError(f"--val-fraction {a.val_fraction} must be in [0, 1)")
+            raise UserError(f"`val_fraction` {a.val_fraction} must be in [0, 1)")
         if not examples:
             train, val = [], []
         else:
@@ -175,7 +170,7 @@ def run(a: SftArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]
         raise UserError(f"{', '.join(map(str, a.data))}: no conversation fits the context of {max_len} tokens "
                         f"({report.describe_skips()})")
 
-    ctx, device, amp = setup_device(a)
+    ctx, device, amp = setup(a)
     per_step = a.batch_size * a.grad_accum * ctx.world_size
     steps, how = resolve_steps(a, per_step, len(train), "conversations")
     source = sft_source(train, tok, a.batch_size, a.seed, ctx.rank, ctx.world_size)

@@ -14,7 +14,8 @@ treats their spelling as ordinary characters. `decode` never raises on valid ids
 bytes that are not valid UTF-8 (a sequence cut inside a character) become U+FFFD.
 
 tokenizer.bin: the smedjan header (`smedjan.formats.binfile`) with JSON
-{kind, pattern, vocab_size, n_merges, specials, fingerprint, payload_bytes}, then
+{kind, pattern, vocab_size, n_merges, specials, fingerprint, payload_bytes, source, and for a
+trained one `corpus`: the files it read, with hub datasets and commits}, then
   u32[vocab_size] token byte lengths | token bytes, concatenated | u32[n_merges, 2] merges
 The fingerprint is the first 16 hex digits of SHA-256 over pattern, specials and
 payload: every artifact made with this tokenizer records it.
@@ -53,6 +54,7 @@ class Tokenizer:
         self.specials: dict[str, int] = dict(sorted(specials.items(), key=lambda kv: kv[1]))
         self.pattern = pattern
         self.source = source
+        self.corpus: dict | None = None  # what it was trained on (files, hub commits); not fingerprinted
         self._validate()
 
     # ----------------------------------------------------------------- structure
@@ -167,6 +169,8 @@ class Tokenizer:
             "payload_bytes": len(payload),
             "source": self.source,
         }
+        if self.corpus:
+            meta["corpus"] = self.corpus
         return encode_header(C.TOKENIZER_MAGIC, C.TOKENIZER_VERSION, meta) + payload
 
     def save(self, path: str | os.PathLike) -> None:
@@ -200,9 +204,11 @@ class Tokenizer:
         tokens = [blob[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
         merges = np.frombuffer(payload, dtype="<u4", offset=4 * n + total, count=2 * m).reshape(-1, 2)
         try:
-            return cls(tokens, [tuple(x) for x in merges.tolist()], specials, pattern, meta.get("source", "trained"))
+            tok = cls(tokens, [tuple(x) for x in merges.tolist()], specials, pattern, meta.get("source", "trained"))
         except UserError as e:
             raise UserError(f"{p}: {e}{bad}") from None
+        tok.corpus = meta.get("corpus") if isinstance(meta.get("corpus"), dict) else None
+        return tok
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":

@@ -61,7 +61,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-from smedjan.cli import Terminated, log, progress, warn
+from smedjan.console import Terminated, log, progress, warn
 from smedjan.errors import UserError
 from smedjan.formats import constants as C
 from smedjan.formats.checkpoint import save_checkpoint

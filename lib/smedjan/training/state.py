@@ -2,7 +2,7 @@
 bit for bit.
 
 Tensors (safetensors, no pickle):
-- model weights under their module names (`layers.0.attention.wq.weight`, ...);
+- model weights under their module names (`layers.0.mixer.wq.weight`, ...);
 - optimizer state per parameter *name*: `optim.state.<param name>.<key>` (exp_avg, ...),
   so the file is readable and independent of parameter order;
 - RNG states: `rng.torch_cpu` (uint8), `rng.cuda.<i>` (uint8), `rng.numpy` (the MT19937
@@ -203,6 +203,7 @@ def apply_train_state(st: LoadedState, model: torch.nn.Module, optimizer: torch.
 
 
 def config_diff(a, b) -> list[str]:
-    """Fields where two ModelConfigs differ, as 'field: a -> b'."""
-    da, db = a.to_dict(), b.to_dict()
+    """Fields where two ModelConfigs differ, as 'field a -> b' (nested fields dotted:
+    'attention.n_heads 4 -> 8')."""
+    da, db = a.flat(), b.flat()
     return [f"{k} {da.get(k)!r} -> {db.get(k)!r}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]

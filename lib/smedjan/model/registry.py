@@ -1,0 +1,27 @@
+"""The two part registries: mixers and feed-forwards by name.
+
+A new mixer is one file (its config dataclass and its `Mixer` subclass) plus one line
+here; `ModelConfig` gets a field for its config. Nothing else in the library names parts.
+
+    MIXERS["attention"](cfg, layer=0)     # -> Attention
+    FEED_FORWARDS[cfg.ffn.kind](cfg, 0)   # -> SwiGLU or ReLU2
+"""
+
+from __future__ import annotations
+
+from smedjan.model.attention import Attention
+from smedjan.model.block_sparse import BlockSparseAttention
+from smedjan.model.ffn import ReLU2, SwiGLU
+from smedjan.model.mla import MLA
+from smedjan.model.parts import FeedForward, Mixer
+
+MIXERS: dict[str, type[Mixer]] = {
+    "attention": Attention,
+    "mla": MLA,
+    "block_sparse": BlockSparseAttention,
+}
+
+FEED_FORWARDS: dict[str, type[FeedForward]] = {
+    "swiglu": SwiGLU,
+    "relu2": ReLU2,
+}

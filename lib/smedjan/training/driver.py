@@ -1,0 +1,161 @@
+"""The one training driver of `train`, `sft`, `dpo` and `distill`.
+
+Each tool checks its own inputs and builds its model, batch source, loss and evaluator;
+everything else is here, once: the checks of the shared flags (`check_run`), the device
+and precision policy (`setup`: bf16 autocast and TF32 matmuls on CUDA, fp32 elsewhere,
+`--precision bf16` forcing autocast anywhere), the optimizer from role-tagged groups, the
+LR schedule, the `Trainer` (checkpoints, resume, NaN skipping, signals, DDP), the
+warnings on resuming with changed flags, and the run's summary.
+
+    check_run(o)
+    ctx, device, amp = setup(o)
+    result, run_config = fit("sft", o, model, tok, cfg, source, loss_fn, steps, ctx, amp, ckpt_dir, resumed,
+                             evaluator=evaluator, flops_per_token=cfg.flops_per_token(512))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from smedjan.console import log, warn
+from smedjan.errors import UserError
+from smedjan.training.options import RESUME_FREE, RunOptions
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def check_run(o: RunOptions) -> None:
+    """One-line errors for shared flags out of range (nothing is read or written yet)."""
+    checks = [
+        (o.batch_size >= 1, f"`batch_size` {o.batch_size} must be >= 1"),
+        (o.grad_accum >= 1, f"`grad_accum` {o.grad_accum} must be >= 1"),
+        (o.steps is None or o.steps >= 1, f"`steps` {o.steps} must be >= 1"),
+        (o.lr > 0 and math.isfinite(o.lr), f"`lr` {o.lr} must be positive"),
+        (o.min_lr is None or 0 <= o.min_lr <= o.lr, f"`min_lr` {o.min_lr} must be between 0 and `lr` {o.lr}"),
+        (o.warmup is None or o.warmup >= 0, f"`warmup` {o.warmup} must be >= 0"),
+        (0 <= o.warmdown <= 1, f"`warmdown` {o.warmdown} must be a fraction in [0, 1]"),
+        (o.checkpoint_every >= 0, f"`checkpoint_every` {o.checkpoint_every} must be >= 0"),
+        (o.keep >= 0, f"`keep` {o.keep} must be >= 0"),
+        (o.max_bad_steps >= 1, f"`max_bad_steps` {o.max_bad_steps} must be >= 1"),
+        (o.grad_clip >= 0, f"`grad_clip` {o.grad_clip} must be >= 0"),
+        (o.weight_decay >= 0, f"`weight_decay` {o.weight_decay} must be >= 0"),
+        (o.patience >= 0, f"`patience` {o.patience} must be >= 0"),
+        (o.seed >= 0, f"`seed` {o.seed} must be >= 0"),
+        (o.eval_every is None or o.eval_every >= 0, f"`eval_every` {o.eval_every} must be >= 0"),
+        (o.precision in PRECISIONS, f"`precision` {o.precision!r} is not auto, fp32 or bf16"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+
+
+def check_folder(path: str | os.PathLike) -> Path:
+    """The checkpoint folder, refused when it is a file or its parent does not exist."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: `checkpoint_dir` is a file, expected a folder")
+    if not folder.parent.is_dir():
+        raise UserError(f"{folder}: the folder that should hold `checkpoint_dir` does not exist")
+    return folder
+
+
+def precision_policy(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: plain fp32). auto: bf16 on a CUDA device that has it."""
+    if precision not in PRECISIONS:
+        raise UserError(f"`precision` {precision!r} is not auto, fp32 or bf16")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if precision == "bf16":
+            raise UserError("`precision` bf16: this GPU does not support bfloat16")
+        return None
+    return torch.bfloat16
+
+
+def setup(o: RunOptions):
+    """(DistContext, device, autocast dtype or None): the device (and DDP under torchrun) and
+    the precision policy. On CUDA, matmuls left in float32 use TF32."""
+    from smedjan.device import pick_device
+    from smedjan.training.dist import init_distributed
+
+    ctx = init_distributed(pick_device(o.device))
+    amp = precision_policy(o.precision, ctx.device)
+    if ctx.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    return ctx, ctx.device, amp
+
+
+def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, steps: int, ctx, amp,
+        ckpt_dir: Path, resumed, *, evaluator=None, sampler=None, run_config: dict | None = None,
+        flops_per_token: float = 0.0, peak_flops: float = 0.0, monitor: str = "val_loss",
+        final_path: Path | None = None, loggers: tuple = (), fault_steps: frozenset = frozenset(),
+        note: str = "") -> tuple[Any, dict]:
+    """Optimizer, schedule and Trainer from the shared flags; resume; fit. Returns
+    (TrainResult, the run config recorded in every state)."""
+    from smedjan.optim import OptimizerSettings, build_optimizer, param_groups
+    from smedjan.training.loop import Trainer, TrainerConfig
+    from smedjan.training.schedule import Schedule
+
+    if o.patience and evaluator is None:
+        raise UserError("`patience` needs a validation set (early stopping watches the validation loss)")
+    warmup = o.warmup if o.warmup is not None else round(0.05 * steps)
+    min_ratio = 0.1 if o.min_lr is None else o.min_lr / o.lr
+    schedule = Schedule(o.lr_schedule, total_steps=steps, warmup=warmup, min_ratio=min_ratio, warmdown=o.warmdown)
+    optimizer = build_optimizer(o.optimizer, param_groups(model, o.weight_decay),
+                                OptimizerSettings(lr=o.lr, beta2=o.adamw_beta2, weight_decay=o.weight_decay),
+                                device=ctx.device)
+    run_config = {**dataclasses.asdict(o), **(run_config or {}), "steps": steps, "warmup": warmup}
+    tcfg = TrainerConfig(
+        tool=tool, steps=steps, checkpoint_dir=ckpt_dir, checkpoint_every=o.checkpoint_every, keep=o.keep,
+        final_path=final_path, grad_accum=o.grad_accum, grad_clip=o.grad_clip, max_bad_steps=o.max_bad_steps,
+        eval_every=o.eval_every or 0, patience=o.patience, monitor=monitor, amp_dtype=amp, compile=o.compile,
+        flops_per_token=flops_per_token, peak_flops=peak_flops if ctx.device.type == "cuda" else 0.0,
+        sample_every=getattr(o, "sample_every", 0), fault_steps=fault_steps)
+    trainer = Trainer(model, optimizer, schedule, source, loss_fn, tcfg, tokenizer=tok, model_config=cfg,
+                      run_config=run_config, evaluator=evaluator, sampler=sampler, dist=ctx, loggers=loggers)
+    if resumed is not None:
+        trainer.resume(resumed)
+        changed = [f"`{k}` {resumed.run_config.get(k)!r} -> {v!r}" for k, v in run_config.items()
+                   if k not in RESUME_FREE and resumed.run_config.get(k) != v]
+        if changed and ctx.is_main:
+            warn(f"resuming with changed flags ({'; '.join(changed)}): the run will not repeat the original exactly")
+    if ctx.is_main:
+        if warmup >= steps:
+            warn(f"`warmup` {warmup} >= {steps} steps: the learning rate never reaches `lr`")
+        log(f"model: {cfg.preset} {cfg.describe()}, context {cfg.max_seq_len}: {cfg.n_params():,} parameters "
+            f"({cfg.n_params(embedding=False):,} non-embedding)")
+        log(f"device: {ctx.device}{' x ' + str(ctx.world_size) if ctx.enabled else ''}, "
+            f"{'bf16 autocast' if amp else 'fp32'}{', compiled' if o.compile else ''}; threads "
+            f"{torch.get_num_threads()}" + (f"; resuming at step {trainer.step}" if resumed is not None else "")
+            + note)
+    try:
+        result = trainer.fit()
+    finally:
+        ctx.close()
+    return result, run_config
+
+
+def summary_of(result) -> dict:
+    """The summary keys every training tool prints."""
+    return {"reason": result.reason, "steps": result.step, "loss": result.last_loss,
+            **dict(result.last_eval),
+            **({"best_val_loss": result.best.get("val_loss"), "best_step": result.best.get("step")}
+               if result.best else {}),
+            "skipped_steps": result.skipped_steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
+            "last_state": str(result.last_state) if result.last_state else None}
+
+
+def fault_steps_from_env() -> frozenset:
+    """SMEDJAN_FAULT_NONFINITE_STEPS="3,4,5": make those steps' loss NaN (tests, drills)."""
+    raw = os.environ.get("SMEDJAN_FAULT_NONFINITE_STEPS", "").strip()
+    try:
+        return frozenset(int(s) for s in raw.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"SMEDJAN_FAULT_NONFINITE_STEPS={raw!r} must be comma-separated step numbers") from None
