@@ -7,7 +7,6 @@ import io
 import json
 
 import numpy as np
-import pytest
 import zstandard
 
 from helpers import smedjan

@@ -11,7 +11,7 @@ import zstandard
 from helpers import DATA, assert_user_error, smedjan
 from smedjan.errors import UserError
 from smedjan.formats import constants as C
-from smedjan.tokenizer import Tokenizer, train_bpe
+from smedjan.tokenizer import train_bpe
 from smedjan.tokenizer.train import count_pieces, learn_merges
 
 

@@ -24,13 +24,14 @@ def shipped(tmp_path_factory, tokenizer_path, tokenizer):
     return train_bin, val_bin, unigram_bound_bpb(train_bin, tokenizer)[0]
 
 
-# Each row exercises several parts at once, so the run count stays small; together they
-# cover QK-norm, soft-capping, ReLU^2, the window pattern, MLA, block-sparse and a hybrid.
+# Each row exercises several parts at once, so the run count stays small: together they
+# cover QK-norm, soft-capping, ReLU^2, the window pattern, an untied head, the depth dial and
+# a layer pattern of attention, MLA and block-sparse attention. Measured (250 steps of
+# 16 x 128): 0.68 x the bound for the first; MLA alone 0.72, block-sparse alone 0.76, the
+# hybrid 0.77.
 VARIANTS = {
     "qknorm-relu2-softcap-windows": ["--qk-norm", "--mlp", "relu2", "--logit-softcap", "15", "--window-pattern", "SL",
                                      "--short-window", "32", "--untied"],
-    "mla": ["--mla-latent-dim", "64"],
-    "block-sparse": ["--block-sparse-top-k", "1", "--block-size", "16"],
     "hybrid-depth": ["--depth", "4", "--aspect-ratio", "32", "--head-dim", "32", "--layer-pattern",
                      "attention,mla,block_sparse,attention", "--mla-latent-dim", "48", "--block-sparse-top-k", "2",
                      "--block-size", "16"],
@@ -51,8 +52,10 @@ def test_variant_trains_below_the_unigram_bound(name, shipped, tokenizer_path, t
     final = [r for r in metrics(out) if "val_bpb" in r][-1]
     print(f"{name}: val bpb {final['val_bpb']:.4f} = {final['val_bpb'] / bound:.3f} x the unigram bound {bound:.4f}")
     assert final["val_bpb"] < MARGIN * bound
-    gen = smedjan("generate", "-c", out / "final.bin", "-p", "ROMEO:", "-n", "12", "--temperature", "0")
-    assert gen.code == 0 and gen.out.startswith("ROMEO:"), gen
+    gen = smedjan("generate", "-c", out / "final.bin", "-p", "ROMEO:", "-n", "12", "--temperature", "0", "--json")
+    assert gen.code == 0, gen
+    done = json.loads(gen.out)["completions"][0]
+    assert done["completion_tokens"] >= 1 and done["finish_reason"] in ("stop", "length"), done
 
 
 @pytest.mark.parametrize("flags,needle", [
@@ -67,7 +70,10 @@ def test_variant_trains_below_the_unigram_bound(name, shipped, tokenizer_path, t
 ])
 def test_bad_architecture_flags(flags, needle, tmp_path_factory, tokenizer_path, tmp_path):
     train_bin, _ = token_files(tmp_path_factory, tokenizer_path)
-    base = [a for a in MICRO if a not in ("--heads", "2")] if "--head-dim" in flags else MICRO
+    base = list(MICRO)
+    if "--head-dim" in flags:  # heads then come from dim / head-dim
+        i = base.index("--heads")
+        del base[i:i + 2]
     res = train("--dataset", train_bin, "--tokenizer", tokenizer_path, *base, *flags, "--steps", "1",
                 "--checkpoint-dir", tmp_path / "ck")
     assert_user_error(res, needle)

@@ -2,6 +2,7 @@
 
     smedjan bench --size small
     smedjan bench --size medium --compile --rounds 5
+    smedjan bench --size tiny --variant all           # a row per architecture variant too
 """
 
 from __future__ import annotations
@@ -14,13 +15,23 @@ from smedjan.cli import JsonOpt, log, make_app, progress, run_app, tool
 
 app = make_app()
 
+# name -> flat ModelConfig keywords (a function of the preset's config and the sequence length)
+VARIANTS = {
+    "qk-norm": lambda cfg, T: {"qk_norm": True},
+    "softcap": lambda cfg, T: {"logit_softcap": 15.0},
+    "relu2": lambda cfg, T: {"mlp": "relu2"},
+    "window-SSSL": lambda cfg, T: {"window_pattern": "SSSL", "short_window": max(1, T // 4)},
+    "mla": lambda cfg, T: {"mla_latent_dim": cfg.dim // 2},
+    "block-sparse": lambda cfg, T: {"block_sparse_top_k": 2, "block_size": max(1, T // 8)},
+}
+
 
 def format_table(rows: list[dict], cuda: bool) -> str:
     """Markdown rows like the README / overview performance table."""
     head = ["Preset", "Inference (fwd)", "Decode (1 tok)", "Train (fwd+bwd+step)"] + (["MFU (train)"] if cuda else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{r['size']} · {r['params'] / 1e6:.3g}M", f"{r['forward_tok_s']:,.0f} tok/s",
+        cells = [f"{r['size']}{' ' + r['variant'] if r.get('variant') else ''} · {r['params'] / 1e6:.3g}M", f"{r['forward_tok_s']:,.0f} tok/s",
                  f"{r['decode_tok_s']:,.0f} tok/s", f"{r['train_tok_s']:,.0f} tok/s"]
         if cuda:
             cells.append(f"{100 * r['mfu']:.1f}%")
@@ -33,7 +44,9 @@ def format_table(rows: list[dict], cuda: bool) -> str:
     "as `smedjan generate` runs; best of --rounds) and train (forward + backward + AdamW step, through the same "
     "Trainer step `smedjan train` runs) tokens/s of a preset at --batch-size x --seq-len (default 4 x 128, "
     "vocab 8192, random tokens). Reports the median of --rounds measurements of --steps steps each. "
-    "bench/train.py compares the same shapes against a plain PyTorch training loop."
+    "--variant NAME (repeatable, or all) adds a row per architecture variant of each preset: "
+    + ", ".join(VARIANTS) + ". bench/train.py compares the same shapes against a plain PyTorch training loop "
+    "and transformers' LlamaForCausalLM."
 ))
 @tool("bench")
 def bench(
@@ -48,6 +61,8 @@ def bench(
         "--precision", help="auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16 (autocast, CPU too).")] = "auto",
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, mps (default: cuda > mps > cpu).")] = None,
     peak_flops: Annotated[float, typer.Option("--peak-flops", help="Peak FLOP/s for MFU on GPU (H100 bf16).")] = 989e12,
+    variant: Annotated[list[str], typer.Option("--variant", help="Architecture variant rows: " + ", ".join(VARIANTS)
+                                               + " or all (repeatable; default: none).")] = [],  # noqa: B006
     json: JsonOpt = False,
 ) -> None:
     import json as _json
@@ -59,33 +74,39 @@ def bench(
     from smedjan.infer import decode_tokens_per_second
     from smedjan.model import PRESETS, ModelConfig
     from smedjan.training.bench import SmedjanRunner, interleave, median
+    from smedjan.training.driver import precision_policy
 
     for s in size:
         if s not in PRESETS:
             raise UserError(f"--size {s!r} is not a preset ({', '.join(PRESETS)})")
     if min(batch_size, seq_len, steps, rounds) < 1:
         raise UserError("--batch-size, --seq-len, --steps and --rounds must be >= 1")
+    names = list(VARIANTS) if "all" in variant else variant
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise UserError(f"--variant {unknown[0]!r} is not one of {', '.join(VARIANTS)} or all")
     dev = pick_device(device)
-    if precision not in ("auto", "fp32", "bf16"):
-        raise UserError(f"--precision {precision!r} is not auto, fp32 or bf16")
-    amp = None
-    if precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported()):
-        amp = torch.bfloat16
+    amp = precision_policy(precision, dev)
     if dev.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32
     rows = []
+    runs = []
     for s in size:
-        cfg = ModelConfig.from_preset(s, vocab_size, max_seq_len=seq_len)
-        log(f"{s}: {cfg.n_params():,} parameters, batch {batch_size} x {seq_len} on {dev}"
+        base = ModelConfig.from_preset(s, vocab_size, max_seq_len=seq_len)
+        runs.append((s, None, base))
+        runs += [(s, v, base.replace(**VARIANTS[v](base, seq_len))) for v in names]
+    for s, v, cfg in runs:
+        label = s + (f" {v}" if v else "")
+        log(f"{label}: {cfg.n_params():,} parameters, batch {batch_size} x {seq_len} on {dev}"
             f"{' (bf16 autocast)' if amp else ''}{', compiled' if compile else ''}; threads {torch.get_num_threads()}")
         runner = SmedjanRunner(cfg, batch_size, seq_len, dev, compile=compile, amp_dtype=amp)
-        with progress(f"bench {s}", total=rounds) as bar:
+        with progress(f"bench {label}", total=rounds) as bar:
             res = interleave({s: runner}, rounds=rounds, steps=steps, on_round=lambda r: bar.update(completed=r))
         fwd, tr = median(res[s]["forward"]), median(res[s]["train"])
         # decode: batch 1 with the KV cache, as `smedjan generate` runs (smedjan.infer; bench/decode.py
         # compares it with llama.cpp)
         decode = decode_tokens_per_second(runner.model, prompt_len=16, new_tokens=128, repeats=rounds, dtype=amp)
-        rows.append({"size": s, "params": cfg.n_params(), "batch_size": batch_size, "seq_len": seq_len,
+        rows.append({"size": s, "variant": v, "params": cfg.n_params(), "batch_size": batch_size, "seq_len": seq_len,
                      "device": str(dev), "compiled": compile, "precision": "bf16" if amp else "fp32",
                      "forward_tok_s": fwd, "train_tok_s": tr,
                      "decode_tok_s": decode,

@@ -78,6 +78,18 @@ class AttentionConfig:
         return 0 if short >= max_seq_len else short
 
 
+FUSE_MIN_TOKENS = 64
+
+
+def fused_linear(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """x @ [w1; w2; ...]^T: one matmul over the concatenated weights when x holds many
+    tokens (training, prefill: the copy is small next to the activations), separate
+    matmuls for a few (a decode step: copying the weights would cost more than the work)."""
+    if x.shape[:-1].numel() >= FUSE_MIN_TOKENS:
+        return F.linear(x, torch.cat(weights))
+    return torch.cat([F.linear(x, w) for w in weights], dim=-1)
+
+
 def causal_mask(q_pos: torch.Tensor, n_keys: int, window: int) -> torch.Tensor:
     """Boolean mask (True = attend) of queries at `q_pos` ([T] or [B, T]) over keys
     0..n_keys-1: causal, and within `window` positions when one is set. [T, S] or
@@ -150,8 +162,7 @@ class Attention(Mixer):
         """q [B, H, T, hd] and k, v [B, Hkv, T, hd], normalised (QK-norm) and rotated."""
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])  # one matmul instead of three
-        qkv = F.linear(x, w)
+        qkv = fused_linear(x, (self.wq.weight, self.wk.weight, self.wv.weight))
         q = qkv[..., :H * hd].view(B, T, H, hd).transpose(1, 2)
         k = qkv[..., H * hd:(H + Hkv) * hd].view(B, T, Hkv, hd).transpose(1, 2)
         v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd).transpose(1, 2)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smedjan.errors import UserError
+from smedjan.model.attention import fused_linear
 from smedjan.model.parts import (MATRIX, External, FeedForward, Growth, Init, Unsupported, gguf_name, hf_name,
                                  matmul_flops)
 
@@ -93,7 +94,7 @@ class SwiGLU(_Growable):
         return matmul_flops(self.w1, self.w3, self.w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = F.linear(x, torch.cat([self.w1.weight, self.w3.weight]))  # gate | up in one matmul
+        gu = fused_linear(x, (self.w1.weight, self.w3.weight))  # gate | up
         return self.w2(F.silu(gu[..., :self.hidden]) * gu[..., self.hidden:])
 
     @classmethod
