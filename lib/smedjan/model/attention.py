@@ -163,9 +163,11 @@ class Attention(Mixer):
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = fused_linear(x, (self.wq.weight, self.wk.weight, self.wv.weight))
-        q = qkv[..., :H * hd].view(B, T, H, hd).transpose(1, 2)
-        k = qkv[..., H * hd:(H + Hkv) * hd].view(B, T, Hkv, hd).transpose(1, 2)
-        v = qkv[..., (H + Hkv) * hd:].view(B, T, Hkv, hd).transpose(1, 2)
+        # split, not slicing: its backward is one cat, where a slice's zero-fills a full-size buffer
+        q, k, v = qkv.split((H * hd, Hkv * hd, Hkv * hd), dim=-1)
+        q = q.view(B, T, H, hd).transpose(1, 2)
+        k = k.view(B, T, Hkv, hd).transpose(1, 2)
+        v = v.view(B, T, Hkv, hd).transpose(1, 2)
         if self.q_norm is not None:
             dt = torch.promote_types(q.dtype, torch.float32)
             q = F.rms_norm(q.to(dt), (hd,), self.q_norm.to(dt), self.eps).type_as(v)
