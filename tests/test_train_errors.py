@@ -151,6 +151,8 @@ def test_init_with_a_different_size(made, tmp_path):
     (["--lr-schedule", "linear"], "--lr-schedule 'linear'"),
     (["--optimizer", "sgd"], "--optimizer 'sgd'"),
     (["--patience", "2"], "--patience needs --val-dataset"),
+    (["--eval-every", "5"], "--eval-every needs --val-dataset"),  # refused, not ignored
+    (["--val-tokens", "1000"], "--val-tokens needs --val-dataset"),
     (["--grad-accum", "0"], "--grad-accum 0"),
     (["--dim", "64"], "only apply to --size custom"),
 ])
