@@ -109,16 +109,74 @@ def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def open_binary(p: Path) -> BinaryIO:
-    """Open a file, transparently decompressing .zst and .gz, as a byte stream."""
-    name = p.name.lower()
-    raw = open(p, "rb")
-    if name.endswith((".zst", ".zstd")):
+class TruncatedStream(EOFError):
+    """A compressed file that ends before its stream does (a cut download or copy)."""
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Every zstd frame of a file, one after another, as one byte stream. End of input
+    inside a frame raises TruncatedStream: zstandard's own stream_reader returns what it
+    decoded before the cut as if that were all (and stops after the first frame).
+
+    Input is fed in `FEED` byte pieces so that one call's output stays bounded."""
+
+    FEED = 1 << 15
+
+    def __init__(self, raw: BinaryIO):
         import zstandard
 
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # the decompressor of the frame in progress, None between frames
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not len(self._out):
+            data = self._raw.read(self.FEED)
+            if not data:
+                if self._frame is not None:
+                    raise TruncatedStream("the file ends inside a zstd frame")
+                return 0
+            parts = []
+            while data:
+                if self._frame is None:
+                    self._frame = self._dctx.decompressobj()
+                parts.append(self._frame.decompress(data))
+                if not self._frame.eof:
+                    break
+                data, self._frame = self._frame.unused_data, None  # the next frame starts here
+            self._out = memoryview(b"".join(parts))
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def open_binary(p: Path) -> BinaryIO:
+    """Open a file, transparently decompressing .zst and .gz, as a byte stream. A
+    compressed file that is empty or ends before its stream does raises TruncatedStream
+    (an EOFError) when read: `guard_reads` makes that one line naming the file."""
+    name = p.name.lower()
+    raw = open(p, "rb")
+    if name.endswith((".zst", ".zstd", ".gz")):
+        try:
+            if not raw.peek(1):  # works on a FIFO too: waits for data or the end
+                raise TruncatedStream(f"the file is empty, not a {'gzip' if name.endswith('.gz') else 'zstd'} stream")
+        except BaseException:
+            raw.close()
+            raise
+    if name.endswith((".zst", ".zstd")):
         # Buffered, so that line iteration (readline) works on the stream.
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), BLOCK)  # type: ignore[arg-type]
+        return io.BufferedReader(_ZstdFrames(raw), BLOCK)  # type: ignore[return-value]
     if name.endswith(".gz"):
+        # gzip raises EOFError itself at a cut, and reads every member of the file
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     return raw
 
@@ -134,7 +192,9 @@ def guard_reads(p: Path, fn, *args):
         raise
     except zstandard.ZstdError as e:
         raise UserError(f"{p}: corrupt zstd stream ({e})".splitlines()[0]) from None
-    except (OSError, EOFError, ValueError) as e:
+    except EOFError as e:  # TruncatedStream, or gzip's "Compressed file ended before ..."
+        raise UserError(f"{p}: truncated compressed file ({e})".splitlines()[0]) from None
+    except (OSError, ValueError) as e:
         raise UserError(f"{p}: cannot read ({e.__class__.__name__}: {e})".splitlines()[0]) from None
 
 
