@@ -198,17 +198,27 @@ def guard_reads(p: Path, fn, *args):
         raise UserError(f"{p}: cannot read ({e.__class__.__name__}: {e})".splitlines()[0]) from None
 
 
-def iter_json_lines(p: Path, objects: bool = True) -> Iterator[tuple[int, Any]]:
+def iter_json_lines(p: Path, objects: bool = True, stats: ReadStats | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, value) of each non-blank line of a JSON-lines file (optionally .zst/.gz).
     A line that is not JSON, or not an object when `objects`, is a UserError naming
-    file:line; wrap the call in `guard_reads` for corrupt streams and IO errors."""
+    file:line; wrap the call in `guard_reads` for corrupt streams and IO errors. Invalid
+    UTF-8 is replaced by U+FFFD and counted in `stats` when given (a corpus), else refused."""
+    utf8 = _Utf8(stats) if stats is not None else None
     with open_binary(p) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if utf8 is None:
+                    raise UserError(f"{p}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+                line = utf8(raw, final=True)  # a line never splits a character: each decodes alone
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark
+            try:
                 obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except json.JSONDecodeError as e:
                 raise UserError(f"{p}:{lineno}: malformed JSON line ({e.__class__.__name__}: {e})") from None
             if objects and not isinstance(obj, dict):
                 raise UserError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
@@ -228,6 +238,31 @@ class _Utf8:
             # Count only replacements, not U+FFFD that was in the file already.
             self.stats.replaced_bytes += s.count("\ufffd") - data.count("\ufffd".encode())
         return s
+
+
+class _ValidUtf8(io.RawIOBase):
+    """The bytes of `f` with invalid UTF-8 replaced by U+FFFD (counted in `stats`), so that a
+    strict TextIOWrapper on top splits lines exactly as on the original text."""
+
+    def __init__(self, f: BinaryIO, stats: ReadStats):
+        self._f, self._utf8 = f, _Utf8(stats)
+        self._out = memoryview(b"")
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not len(self._out):
+            if self._done:
+                return 0
+            data = self._f.read(BLOCK)
+            self._done = not data
+            self._out = memoryview(self._utf8(data, final=self._done).encode("utf-8"))
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
 
 
 def _last_safe_cut(text: str, lo: int, hi: int) -> int | None:
@@ -283,7 +318,7 @@ def _read_txt(p: Path, split: str, stats: ReadStats) -> Iterator[Chunk]:
                 elif first:
                     stats.skipped_empty += 1
             return
-        text_stream = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="")
+        text_stream = io.TextIOWrapper(io.BufferedReader(_ValidUtf8(f, stats), BLOCK), encoding="utf-8", newline="")
         if split == "line":
             for line in text_stream:
                 body = line.rstrip("\r\n")
@@ -306,7 +341,7 @@ def _read_txt(p: Path, split: str, stats: ReadStats) -> Iterator[Chunk]:
 
 def _read_jsonl(p: Path, text_field: str, stats: ReadStats) -> Iterator[Chunk]:
     src = str(p)
-    for lineno, obj in iter_json_lines(p):
+    for lineno, obj in iter_json_lines(p, stats=stats):
         if text_field not in obj:
             raise UserError(f"{p}:{lineno}: no {text_field!r} field (choose one with --text-field)")
         text = obj[text_field]
