@@ -187,3 +187,35 @@ def test_a_signal_finishes_the_step_and_writes_a_state(tmp_path, sig, reason):
     assert res.reason == reason and res.step == 3
     assert steps_of(tmp_path) == [3] and not (tmp_path / "final.bin").exists()
     assert read_train_state(tmp_path / "state_3.bin", "train").source == {"k": 12}
+
+
+def test_a_second_run_into_the_same_folder_is_refused_naming_the_holder(tmp_path):
+    """Issue 20 item 9: two runs into one --checkpoint-dir both succeeded and interleaved
+    their states, final.bin and metrics."""
+    from smedjan.training.files import LOCK_NAME
+
+    refused = []
+
+    def loss_and_a_rival(model, batch):
+        if tr.step == 2 and not refused:
+            with pytest.raises(UserError) as e:
+                make(tmp_path, steps=2).fit()
+            refused.append(str(e.value))
+        return lm_loss(model, batch)
+
+    tr = make(tmp_path, steps=4, loss_fn=loss_and_a_rival, checkpoint_every=2)
+    assert tr.fit().reason == "done"
+    assert refused == [f"{tmp_path}: another run (PID {os.getpid()}) is writing to this checkpoint folder; wait for "
+                       "it to finish or choose another --checkpoint-dir"]
+    assert [r["step"] for r in metric_lines(tmp_path)] == [1, 2, 3, 4]  # the rival wrote nothing
+    assert not (tmp_path / LOCK_NAME).exists()  # released
+    assert make(tmp_path, steps=2).fit().reason == "done"  # and the next run goes ahead
+
+
+def test_a_lock_file_left_by_a_killed_run_is_taken_over(tmp_path):
+    from smedjan.training.files import LOCK_NAME
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / LOCK_NAME).write_text("999999999\n")  # a dead run's: the kernel dropped its flock
+    assert make(tmp_path, steps=2).fit().reason == "done"
+    assert not (tmp_path / LOCK_NAME).exists()
