@@ -1,7 +1,9 @@
 """Conventions every smedjan tool shares: errors, logs, progress, summaries.
 
-- `UserError` (bad input) -> one line `smedjan <tool>: error: ...` on stderr, exit 2.
-  Any other exception is a bug: traceback, exit 1. Ctrl-C -> exit 130.
+- `UserError` (bad input) -> one line `smedjan <tool>: error: ...` on stderr, the last line
+  the tool writes there (a progress display ends without a final line), exit 2. So is a
+  full disk (ENOSPC, EDQUOT) anywhere. Any other exception is a bug: traceback, exit 1.
+  Ctrl-C -> exit 130.
 - `log()` writes human messages to stderr, so stdout stays clean for `--json`.
 - `progress()` draws a rich progress bar on a terminal and prints plain, timestamped
   lines otherwise (logs, CI, pipes), at most every `SMEDJAN_LOG_INTERVAL` seconds.
@@ -35,6 +37,7 @@ from typing import Annotated, Any, Callable, Iterator
 import typer
 
 from smedjan.errors import UserError
+from smedjan.io import is_disk_full
 from smedjan.signals import route_signals_to_main_thread
 
 __all__ = ["UserError", "tool", "JsonOpt", "emit", "log", "progress", "make_app", "run_app"]
@@ -84,6 +87,14 @@ def tool(name: str) -> Callable[[Callable], Callable]:
                 # `smedjan encode ... | head` closes stdout early: not an error.
                 sys.stderr.close()
                 raise typer.Exit(0) from None
+            except Exception as e:
+                # A full disk outside smedjan.io's atomic writes (an appended log, a
+                # library's own file): still the user's to fix, still one line.
+                if not is_disk_full(e):
+                    raise
+                where = getattr(e, "filename", None) or "a file being written"
+                raise fail(f"{where}: no space left on the device ({e.__class__.__name__}: "
+                           f"{getattr(e, 'strerror', None) or e})".splitlines()[0]) from None
 
         return wrapper
 
@@ -184,6 +195,9 @@ class _PlainBar:
     def close(self) -> None:
         log(self._line())
 
+    def abandon(self) -> None:
+        pass
+
 
 class _RichBar:
     def __init__(self, description: str, total: float | None, unit: str):
@@ -219,6 +233,10 @@ class _RichBar:
     def close(self) -> None:
         self._p.stop()
 
+    def abandon(self) -> None:
+        self._p.live.transient = True  # stop() erases the bar
+        self._p.stop()
+
 
 def _use_rich() -> bool:
     if os.environ.get("SMEDJAN_PLAIN_PROGRESS"):
@@ -235,8 +253,15 @@ def progress(description: str, total: float | None = None, unit: str = "") -> It
         bar = _PlainBar(description, total, unit, float(os.environ.get("SMEDJAN_LOG_INTERVAL", "10")))
     try:
         yield bar
-    finally:
+    except Exception:
+        # An error ends the display without a last progress line: the error line that the
+        # tool wrapper prints next must be the last line on stderr.
+        bar.abandon()
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM: where it stopped is worth a line
         bar.close()
+        raise
+    bar.close()
 
 
 # --- option types shared by several tools (one definition, one help text) --------------

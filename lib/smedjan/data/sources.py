@@ -364,10 +364,21 @@ def open_parquet(p: Path):
     try:
         path = str(p)
         if p.name.lower().endswith(COMPRESSED):
-            fd, tmp = tempfile.mkstemp(suffix=".parquet")
-            with os.fdopen(fd, "wb") as out, open_binary(p) as f:
-                shutil.copyfileobj(f, out, BLOCK)
-            path = tmp
+            # smedjan's temporary name, so that the copy of a killed run is recognised
+            # and removed by the next one (smedjan.io.clean_stale_temps)
+            from smedjan.io import clean_stale_temps, disk_full_error, is_disk_full, new_temp
+
+            folder = Path(tempfile.gettempdir())
+            clean_stale_temps(folder)
+            tmp = new_temp(folder, "decompressed.parquet")
+            try:
+                with open(tmp, "wb") as out, open_binary(p) as f:
+                    shutil.copyfileobj(f, out, BLOCK)
+            except OSError as e:
+                if is_disk_full(e):  # the temporary folder, not the input, is the problem
+                    raise disk_full_error(folder / f"{p.name} decompressed", None, tmp.stat().st_size) from None
+                raise
+            path = str(tmp)
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowInvalid, OSError) as e:

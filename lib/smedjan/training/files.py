@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from smedjan.errors import UserError
-from smedjan.io import atomic_write
+from smedjan.io import atomic_write, disk_full_error, is_disk_full
 from smedjan.training.state import list_states
 
 TEMP_PREFIXES = (".state_", ".final.bin.", ".best.bin.", ".metrics.jsonl.")
@@ -64,8 +64,13 @@ class MetricsLog:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            self._f.flush()
+        except OSError as e:
+            if is_disk_full(e):  # the states written so far stay; resume drops a cut line
+                raise disk_full_error(self.path, atomic=False) from None
+            raise
 
     def close(self) -> None:
         self._f.close()
