@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Iterator
 
 from smedjan.errors import UserError
-from smedjan.io import atomic_write, disk_full_error, is_disk_full
+from smedjan.io import TEMP_RE, atomic_write, disk_full_error, is_disk_full
+from smedjan.io import clean_stale_temps as io_clean_stale_temps
 from smedjan.training.state import list_states
 
 TEMP_PREFIXES = (".state_", ".final.bin.", ".best.bin.", ".metrics.jsonl.")
@@ -94,12 +95,15 @@ def rotate_states(folder: str | os.PathLike, newest: int, keep: int) -> list[Pat
 
 
 def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove temporaries that a killed run left behind (they are never valid files)."""
+    """Remove temporaries that a killed run left behind (they are never valid files): any
+    of smedjan's whose owner is gone (`smedjan.io.clean_stale_temps`), and the unnamed
+    ones of older smedjan versions (`.state_N.bin.XXXXXXXX.tmp`). Called with the folder
+    locked (`hold_run_folder`), so no other run can be writing them."""
     folder = Path(folder)
-    gone = []
+    gone = io_clean_stale_temps(folder)
     if folder.is_dir():
         for name in os.listdir(folder):
-            if name.startswith(TEMP_PREFIXES) and name.endswith(".tmp"):
+            if name.startswith(TEMP_PREFIXES) and name.endswith(".tmp") and not TEMP_RE.match(name):
                 (folder / name).unlink(missing_ok=True)
                 gone.append(folder / name)
     return gone
