@@ -32,11 +32,13 @@ def smedjan(*args, input: str | None = None, cwd: Path | None = None, env: dict 
 
 
 def assert_user_error(res: Result, *needles: str) -> None:
-    """Exit 2, no traceback, and one `error:` line that mentions each needle."""
+    """Exit 2, no traceback, and one `error:` line, the last line on stderr, that mentions
+    each needle (the README's contract)."""
     assert res.code == 2, res
     assert "Traceback" not in res.err, res
     lines = [ln for ln in res.err.splitlines() if "error:" in ln]
     assert len(lines) == 1, res
+    assert res.err.splitlines()[-1] == lines[0] and lines[0].startswith("smedjan "), res
     for n in needles:
         assert n in lines[0], (n, res)
 

@@ -218,3 +218,43 @@ def test_cli_bad_input_is_one_line_exit_2(good, tokenizer_path, tmp_path):
     res = smedjan("import-hf", "--model-dir", folder, "--output", tmp_path / "m.bin")
     assert_user_error(res, "BertModel", "LlamaForCausalLM")
     assert not (tmp_path / "m.bin").exists()
+
+
+def _index_to(folder, shard: str) -> None:
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: shard for k in load_file(str(folder / "model.safetensors"))}}))
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere/model.safetensors", "ABS", "sub/../../elsewhere/model.safetensors",
+                                   "", ".", 7, ["model.safetensors"]])
+def test_a_shard_outside_the_folder_is_refused_before_it_is_opened(good, tmp_path, shard):
+    """Issue 20 item 8: a weight_map entry of '../../x' or an absolute path was followed
+    (/etc/passwd was opened)."""
+    folder = tmp_path / "hf"
+    shutil.copytree(good, folder)
+    (tmp_path / "elsewhere").mkdir()
+    outside = tmp_path / "elsewhere" / "model.safetensors"
+    shutil.copy(folder / "model.safetensors", outside)  # a valid file: only its place is wrong
+    _index_to(folder, str(outside) if shard == "ABS" else shard)
+    with pytest.raises(UserError, match="is not a file name inside") as e:
+        import_hf(folder, tmp_path / "out.bin")
+    assert "\n" not in str(e.value) and not (tmp_path / "out.bin").exists()
+    if shard in ("ABS", "../elsewhere/model.safetensors"):  # the tool too, for a sample
+        res = smedjan("export-gguf", "--checkpoint", folder, "--no-vocab", "--output", tmp_path / "m.gguf")
+        assert_user_error(res, "is not a file name inside")
+        assert not (tmp_path / "m.gguf").exists()
+
+
+def test_shards_in_a_subfolder_or_symlinked_into_a_cache_still_load(good, tmp_path):
+    # the Hugging Face hub's layout: snapshots/<rev>/model.safetensors -> ../../blobs/<sha>
+    (tmp_path / "blobs").mkdir()
+    shutil.copy(good / "model.safetensors", tmp_path / "blobs" / "abc123")
+    folder = tmp_path / "snapshots" / "rev"
+    folder.mkdir(parents=True)
+    shutil.copy(good / "config.json", folder / "config.json")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "model.safetensors").symlink_to("../../../blobs/abc123")
+    (folder / "model.safetensors").symlink_to("sub/model.safetensors")
+    _index_to(folder, "sub/model.safetensors")
+    import_hf(folder, tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").is_file()

@@ -350,3 +350,16 @@ def test_ctrl_c_mid_run_leaves_nothing(tokenizer_path, tmp_path):
             proc.kill()
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
     assert leftovers(out_dir, set()) == []
+
+
+def test_a_bad_input_found_mid_progress_ends_stderr_with_the_error_alone(tokenizer_path, tmp_path):
+    """The progress display printed its last line right before the error line (82 bad-input
+    cases): the error line must be the last, and no progress line is written for a failed stage."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": 5}\n')
+    for tool_args in (("prepare", "-i", bad, "-t", tokenizer_path, "-o", tmp_path / "t.bin"),
+                      ("tokenizer", "-i", bad, "--vocab-size", "300", "-o", tmp_path / "tok.bin")):
+        res = smedjan(*tool_args)
+        assert_user_error(res, f"{bad}:2")
+        assert not [ln for ln in res.err.splitlines() if " elapsed" in ln], res
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]

@@ -86,3 +86,49 @@ def test_a_token_file_is_not_a_tokenizer(tmp_path):
 def test_missing_and_folder_paths(tmp_path):
     assert_user_error(smedjan("tokenizer-info", tmp_path / "nope.bin"), "does not exist")
     assert_user_error(smedjan("tokenizer-info", tmp_path), "folder")
+
+
+def _with_header(data: bytes, **changes) -> bytes:
+    """tokenizer.bin bytes with header fields changed (None deletes one), framing kept valid."""
+    import json
+
+    n = struct.unpack("<I", data[12:16])[0]
+    meta = json.loads(data[16:16 + n])
+    for k, v in changes.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    blob = json.dumps(meta).encode()
+    return data[:12] + struct.pack("<I", len(blob)) + blob + data[16 + n:]
+
+
+HEADER_CASES = [
+    {"vocab_size": "+1"}, {"vocab_size": "-1"}, {"n_merges": "+1"}, {"n_merges": "-1"},  # one-bit-ish changes
+    {"vocab_size": 2**40}, {"vocab_size": -5}, {"n_merges": -1}, {"n_merges": 2**62}, {"vocab_size": 0},
+    {"vocab_size": "4096"}, {"vocab_size": 2048.0}, {"vocab_size": True}, {"n_merges": None},
+    {"payload_bytes": None}, {"specials": [1, 2]}, {"specials": {"<|bos|>": "x"}}, {"specials": None},
+    {"pattern": 7}, {"pattern": "nonesuch"}, {"fingerprint": None}, {"vocab_size": None},
+]
+
+
+@pytest.mark.parametrize("case", HEADER_CASES, ids=[str(c) for c in HEADER_CASES])
+def test_every_header_number_is_checked_before_use(tokenizer, tmp_path, case):
+    """Issue 20 item 4: the fingerprint does not cover vocab_size and n_merges; 4096 -> 4097
+    passed the checksum and crashed every tool with a traceback."""
+    data = tokenizer.to_bytes()
+    changes = {k: (getattr(tokenizer, k) + int(v) if isinstance(v, str) and v[0] in "+-" else v)
+               for k, v in case.items()}
+    path = tmp_path / "tokenizer.bin"
+    path.write_bytes(_with_header(data, **changes))
+    with pytest.raises(UserError) as e:
+        Tokenizer.load(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and "\n" not in msg and "smedjan tokenizer" in msg, msg
+
+
+def test_one_more_token_in_the_header_is_one_line_from_every_tool(tokenizer, tmp_path):
+    path = tmp_path / "tokenizer.bin"
+    path.write_bytes(_with_header(tokenizer.to_bytes(), vocab_size=tokenizer.vocab_size + 1))
+    for args in (("tokenizer-info", path), ("encode", "-t", path, "hello")):
+        assert_user_error(smedjan(*args), str(path), "vocab_size")

@@ -185,3 +185,19 @@ def test_help_lists_the_flags_and_defaults():
     for default in ("default: 32", "default: 256", "default: 0.0003", "default: 2000", "default: cosine",
                     "default: checkpoints", "50000", "wso", "130"):
         assert default in text, default
+
+
+def test_a_second_train_into_a_busy_checkpoint_dir_is_refused(data, tmp_path):
+    """Issue 20 item 9: both runs used to succeed, interleaving states and metrics."""
+    first = popen_train(*io(data), *LONG, "--checkpoint-dir", tmp_path)
+    try:
+        _wait_for_step(first, tmp_path, 3)
+        res = train(*io(data), *MICRO, "--steps", "5", "--checkpoint-dir", tmp_path)
+        assert_user_error(res, str(tmp_path), f"PID {first.pid}", "--checkpoint-dir")
+    finally:
+        first.kill()
+        first.communicate()
+    assert not (tmp_path / "final.bin").exists()
+    # the lock died with its holder: the next run goes ahead
+    res = train(*io(data), *MICRO, "--steps", "5", "--checkpoint-dir", tmp_path)
+    assert res.code == 0, res

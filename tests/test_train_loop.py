@@ -102,22 +102,22 @@ def test_checkpoint_every_and_keep(tmp_path):
 
 
 def test_a_crash_mid_write_leaves_no_state_file(tmp_path, monkeypatch):
-    import safetensors.torch
+    from smedjan.formats import safetensors as st
 
     tr = make(tmp_path, steps=10, checkpoint_every=2, keep=0)
     tr.cfg.steps = 4
     tr.fit()
     assert steps_of(tmp_path) == [2, 4]
     good = (tmp_path / "state_4.bin").read_bytes()
-    real = safetensors.torch.save_file
+    real = st.write_safetensors
 
-    def crash(tensors, filename, metadata=None):
-        real(tensors, filename, metadata=metadata)
-        with open(filename, "r+b") as f:  # half a file, then the "power cut"
-            f.truncate(os.path.getsize(filename) // 2)
+    def crash(f, tensors, metadata=None):
+        real(f, tensors, metadata)
+        f.flush()
+        f.truncate(f.tell() // 2)  # half a file, then the "power cut"
         raise OSError("simulated crash mid-write")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(st, "write_safetensors", crash)
     tr.train_step()
     with pytest.raises(OSError, match="simulated"):
         tr.save_state()
@@ -187,3 +187,35 @@ def test_a_signal_finishes_the_step_and_writes_a_state(tmp_path, sig, reason):
     assert res.reason == reason and res.step == 3
     assert steps_of(tmp_path) == [3] and not (tmp_path / "final.bin").exists()
     assert read_train_state(tmp_path / "state_3.bin", "train").source == {"k": 12}
+
+
+def test_a_second_run_into_the_same_folder_is_refused_naming_the_holder(tmp_path):
+    """Issue 20 item 9: two runs into one --checkpoint-dir both succeeded and interleaved
+    their states, final.bin and metrics."""
+    from smedjan.training.files import LOCK_NAME
+
+    refused = []
+
+    def loss_and_a_rival(model, batch):
+        if tr.step == 2 and not refused:
+            with pytest.raises(UserError) as e:
+                make(tmp_path, steps=2).fit()
+            refused.append(str(e.value))
+        return lm_loss(model, batch)
+
+    tr = make(tmp_path, steps=4, loss_fn=loss_and_a_rival, checkpoint_every=2)
+    assert tr.fit().reason == "done"
+    assert refused == [f"{tmp_path}: another run (PID {os.getpid()}) is writing to this checkpoint folder; wait for "
+                       "it to finish or choose another --checkpoint-dir"]
+    assert [r["step"] for r in metric_lines(tmp_path)] == [1, 2, 3, 4]  # the rival wrote nothing
+    assert not (tmp_path / LOCK_NAME).exists()  # released
+    assert make(tmp_path, steps=2).fit().reason == "done"  # and the next run goes ahead
+
+
+def test_a_lock_file_left_by_a_killed_run_is_taken_over(tmp_path):
+    from smedjan.training.files import LOCK_NAME
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / LOCK_NAME).write_text("999999999\n")  # a dead run's: the kernel dropped its flock
+    assert make(tmp_path, steps=2).fit().reason == "done"
+    assert not (tmp_path / LOCK_NAME).exists()

@@ -59,7 +59,7 @@ def check_messages(messages: Sequence[dict], need_assistant: bool = False) -> No
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise UserError(f"message {i} must be an object with 'role' and 'content'")
-        if m["role"] not in ROLES:
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
             raise UserError(f"message {i} has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
         if not isinstance(m["content"], str):
             raise UserError(f"message {i} content is {type(m['content']).__name__}, expected a string")

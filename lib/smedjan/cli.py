@@ -2,7 +2,8 @@
 
 Library code never imports this module (it logs through `smedjan.console`).
 - `tool(name, Options)` wraps a typer command: `UserError` (bad input) -> one line
-  `smedjan <tool>: error: ...` on stderr, exit 2; any other exception is a bug (traceback,
+  `smedjan <tool>: error: ...` on stderr, the last line the tool writes there, exit 2 (so
+  is a full disk, ENOSPC or EDQUOT, anywhere); any other exception is a bug (traceback,
   exit 1); Ctrl-C -> exit 130. With an options dataclass, every field becomes the
   command's option (its help text, default and flag live on the field: one definition per
   flag), and parameters named `like_this` in library messages show as that flag.
@@ -35,6 +36,7 @@ import typer
 
 from smedjan.console import Terminated, _fmt, log, progress, render, set_tool, warn
 from smedjan.errors import UserError
+from smedjan.io import is_disk_full
 from smedjan.signals import route_signals_to_main_thread
 
 __all__ = ["UserError", "tool", "JsonOpt", "emit", "log", "warn", "progress", "make_app", "run_app", "Terminated",
@@ -131,6 +133,14 @@ def tool(name: str, options: type | None = None) -> Callable[[Callable], Callabl
                 # `smedjan encode ... | head` closes stdout early: not an error.
                 sys.stderr.close()
                 raise typer.Exit(0) from None
+            except Exception as e:
+                # A full disk outside smedjan.io's atomic writes (an appended log, a
+                # library's own file): still the user's to fix, still one line.
+                if not is_disk_full(e):
+                    raise
+                where = getattr(e, "filename", None) or "a file being written"
+                raise fail(f"{where}: no space left on the device ({e.__class__.__name__}: "
+                           f"{getattr(e, 'strerror', None) or e})".splitlines()[0]) from None
 
         if sig is not None:
             # typer reads the parameters from the signature and their types from __annotations__

@@ -107,6 +107,9 @@ class _PlainBar:
     def close(self) -> None:
         log(self._line())
 
+    def abandon(self) -> None:
+        pass
+
 
 class _RichBar:
     def __init__(self, description: str, total: float | None, unit: str):
@@ -142,6 +145,10 @@ class _RichBar:
     def close(self) -> None:
         self._p.stop()
 
+    def abandon(self) -> None:
+        self._p.live.transient = True  # stop() erases the bar
+        self._p.stop()
+
 
 def _use_rich() -> bool:
     if os.environ.get("SMEDJAN_PLAIN_PROGRESS"):
@@ -158,5 +165,12 @@ def progress(description: str, total: float | None = None, unit: str = "") -> It
         bar = _PlainBar(description, total, unit, float(os.environ.get("SMEDJAN_LOG_INTERVAL", "10")))
     try:
         yield bar
-    finally:
+    except Exception:
+        # An error ends the display without a last progress line: the error line that the
+        # tool wrapper prints next must be the last line on stderr.
+        bar.abandon()
+        raise
+    except BaseException:  # Ctrl-C, SIGTERM: where it stopped is worth a line
         bar.close()
+        raise
+    bar.close()

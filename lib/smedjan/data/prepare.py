@@ -12,7 +12,8 @@ The pipeline, for a corpus of any size in bounded memory:
    depend on the worker count) and encoded by a pool of worker processes; each job
    comes back as one token array per output, BOS placed before each document's first
    chunk. Results are consumed in submission order with at most 2 jobs per worker in
-   flight, so output order is fixed and memory stays bounded.
+   flight, so output order is fixed and memory stays bounded (`smedjan.parallel.ordered_map`,
+   which stops at once and leaves no worker behind on Ctrl-C, SIGTERM or a killed worker).
 4. Each output is a `TokenWriter` streaming to a temporary file; both are committed
    (header written, fsync, rename) only after the whole corpus encoded without error.
 Chunks of one document are cut only where the pre-tokenizer splits anyway, so the file
@@ -33,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -44,7 +44,7 @@ from smedjan.data.sources import TEXT_SUFFIXES, Chunk, ReadStats, base_suffix, e
 from smedjan.errors import UserError
 from smedjan.formats.tokens import TokenWriter, dtype_for_vocab
 from smedjan.io import check_output_path
-from smedjan.parallel import fork_context, worker_pool
+from smedjan.parallel import fork_context, ordered_map
 
 # Characters of text per encode job: large enough to amortize the hand-off to a worker,
 # small enough that 2 jobs per worker in flight stay a few MB. SMEDJAN_PREP_JOB_CHARS
@@ -101,7 +101,7 @@ def _encode_job(items: list[tuple[str, bool, int]]) -> tuple[np.ndarray, np.ndar
 
 
 def encode_jobs(jobs: Iterable[list], tok, dtype: np.dtype, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Encode jobs in order: inline for one worker, else a process pool, 2 jobs per worker in flight."""
+    """Encode jobs in order: inline for one worker, else in worker processes, 2 jobs per worker in flight."""
     global _state
     if workers <= 1:
         _state = _make_state(tok, dtype)
@@ -114,14 +114,7 @@ def encode_jobs(jobs: Iterable[list], tok, dtype: np.dtype, workers: int) -> Ite
         _state = _make_state(tok, dtype)
     else:
         tok_bytes = tok.to_bytes()
-    with worker_pool(workers, _init_worker, (tok_bytes, dtype.str)) as pool:
-        pending: deque = deque()
-        for job in jobs:
-            pending.append(pool.apply_async(_encode_job, (job,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    yield from ordered_map(_encode_job, jobs, workers, _init_worker, (tok_bytes, dtype.str))
 
 
 # ---------------------------------------------------------------- the whole stage

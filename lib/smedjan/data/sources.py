@@ -119,16 +119,74 @@ def expand_inputs(inputs: list) -> list:
     return out
 
 
-def open_binary(p: Path) -> BinaryIO:
-    """Open a file, transparently decompressing .zst and .gz, as a byte stream."""
-    name = p.name.lower()
-    raw = open(p, "rb")
-    if name.endswith((".zst", ".zstd")):
+class TruncatedStream(EOFError):
+    """A compressed file that ends before its stream does (a cut download or copy)."""
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Every zstd frame of a file, one after another, as one byte stream. End of input
+    inside a frame raises TruncatedStream: zstandard's own stream_reader returns what it
+    decoded before the cut as if that were all (and stops after the first frame).
+
+    Input is fed in `FEED` byte pieces so that one call's output stays bounded."""
+
+    FEED = 1 << 15
+
+    def __init__(self, raw: BinaryIO):
         import zstandard
 
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # the decompressor of the frame in progress, None between frames
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not len(self._out):
+            data = self._raw.read(self.FEED)
+            if not data:
+                if self._frame is not None:
+                    raise TruncatedStream("the file ends inside a zstd frame")
+                return 0
+            parts = []
+            while data:
+                if self._frame is None:
+                    self._frame = self._dctx.decompressobj()
+                parts.append(self._frame.decompress(data))
+                if not self._frame.eof:
+                    break
+                data, self._frame = self._frame.unused_data, None  # the next frame starts here
+            self._out = memoryview(b"".join(parts))
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def open_binary(p: Path) -> BinaryIO:
+    """Open a file, transparently decompressing .zst and .gz, as a byte stream. A
+    compressed file that is empty or ends before its stream does raises TruncatedStream
+    (an EOFError) when read: `guard_reads` makes that one line naming the file."""
+    name = p.name.lower()
+    raw = open(p, "rb")
+    if name.endswith((".zst", ".zstd", ".gz")):
+        try:
+            if not raw.peek(1):  # works on a FIFO too: waits for data or the end
+                raise TruncatedStream(f"the file is empty, not a {'gzip' if name.endswith('.gz') else 'zstd'} stream")
+        except BaseException:
+            raw.close()
+            raise
+    if name.endswith((".zst", ".zstd")):
         # Buffered, so that line iteration (readline) works on the stream.
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), BLOCK)  # type: ignore[arg-type]
+        return io.BufferedReader(_ZstdFrames(raw), BLOCK)  # type: ignore[return-value]
     if name.endswith(".gz"):
+        # gzip raises EOFError itself at a cut, and reads every member of the file
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     return raw
 
@@ -144,21 +202,33 @@ def guard_reads(p: Path, fn, *args):
         raise
     except zstandard.ZstdError as e:
         raise UserError(f"{p}: corrupt zstd stream ({e})".splitlines()[0]) from None
-    except (OSError, EOFError, ValueError) as e:
+    except EOFError as e:  # TruncatedStream, or gzip's "Compressed file ended before ..."
+        raise UserError(f"{p}: truncated compressed file ({e})".splitlines()[0]) from None
+    except (OSError, ValueError) as e:
         raise UserError(f"{p}: cannot read ({e.__class__.__name__}: {e})".splitlines()[0]) from None
 
 
-def iter_json_lines(p: Path, objects: bool = True) -> Iterator[tuple[int, Any]]:
+def iter_json_lines(p: Path, objects: bool = True, stats: ReadStats | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, value) of each non-blank line of a JSON-lines file (optionally .zst/.gz).
     A line that is not JSON, or not an object when `objects`, is a UserError naming
-    file:line; wrap the call in `guard_reads` for corrupt streams and IO errors."""
+    file:line; wrap the call in `guard_reads` for corrupt streams and IO errors. Invalid
+    UTF-8 is replaced by U+FFFD and counted in `stats` when given (a corpus), else refused."""
+    utf8 = _Utf8(stats) if stats is not None else None
     with open_binary(p) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if utf8 is None:
+                    raise UserError(f"{p}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
+                line = utf8(raw, final=True)  # a line never splits a character: each decodes alone
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark
+            try:
                 obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except json.JSONDecodeError as e:
                 raise UserError(f"{p}:{lineno}: malformed JSON line ({e.__class__.__name__}: {e})") from None
             if objects and not isinstance(obj, dict):
                 raise UserError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
@@ -178,6 +248,31 @@ class _Utf8:
             # Count only replacements, not U+FFFD that was in the file already.
             self.stats.replaced_bytes += s.count("\ufffd") - data.count("\ufffd".encode())
         return s
+
+
+class _ValidUtf8(io.RawIOBase):
+    """The bytes of `f` with invalid UTF-8 replaced by U+FFFD (counted in `stats`), so that a
+    strict TextIOWrapper on top splits lines exactly as on the original text."""
+
+    def __init__(self, f: BinaryIO, stats: ReadStats):
+        self._f, self._utf8 = f, _Utf8(stats)
+        self._out = memoryview(b"")
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not len(self._out):
+            if self._done:
+                return 0
+            data = self._f.read(BLOCK)
+            self._done = not data
+            self._out = memoryview(self._utf8(data, final=self._done).encode("utf-8"))
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
 
 
 def _last_safe_cut(text: str, lo: int, hi: int) -> int | None:
@@ -233,7 +328,7 @@ def _read_txt(p: Path, split: str, stats: ReadStats) -> Iterator[Chunk]:
                 elif first:
                     stats.skipped_empty += 1
             return
-        text_stream = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="")
+        text_stream = io.TextIOWrapper(io.BufferedReader(_ValidUtf8(f, stats), BLOCK), encoding="utf-8", newline="")
         if split == "line":
             for line in text_stream:
                 body = line.rstrip("\r\n")
@@ -256,7 +351,7 @@ def _read_txt(p: Path, split: str, stats: ReadStats) -> Iterator[Chunk]:
 
 def _read_jsonl(p: Path, text_field: str, stats: ReadStats) -> Iterator[Chunk]:
     src = str(p)
-    for lineno, obj in iter_json_lines(p):
+    for lineno, obj in iter_json_lines(p, stats=stats):
         if text_field not in obj:
             raise UserError(f"{p}:{lineno}: no {text_field!r} field (choose one with --text-field)")
         text = obj[text_field]
@@ -279,10 +374,21 @@ def open_parquet(p: Path):
     try:
         path = str(p)
         if p.name.lower().endswith(COMPRESSED):
-            fd, tmp = tempfile.mkstemp(suffix=".parquet")
-            with os.fdopen(fd, "wb") as out, open_binary(p) as f:
-                shutil.copyfileobj(f, out, BLOCK)
-            path = tmp
+            # smedjan's temporary name, so that the copy of a killed run is recognised
+            # and removed by the next one (smedjan.io.clean_stale_temps)
+            from smedjan.io import clean_stale_temps, disk_full_error, is_disk_full, new_temp
+
+            folder = Path(tempfile.gettempdir())
+            clean_stale_temps(folder)
+            tmp = new_temp(folder, "decompressed.parquet")
+            try:
+                with open(tmp, "wb") as out, open_binary(p) as f:
+                    shutil.copyfileobj(f, out, BLOCK)
+            except OSError as e:
+                if is_disk_full(e):  # the temporary folder, not the input, is the problem
+                    raise disk_full_error(folder / f"{p.name} decompressed", None, tmp.stat().st_size) from None
+                raise
+            path = str(tmp)
         try:
             pf = pq.ParquetFile(path)
         except (pa.ArrowInvalid, OSError) as e:

@@ -191,6 +191,25 @@ def _convert(src: ModelSource, t: External, plan: _Planned) -> tuple[np.ndarray,
     return Q.quantize(w, plan.ggml), plan
 
 
+def _write_tensors(writer) -> None:
+    """GGUFWriter.write_tensors_to_file with plain file writes. Its `ndarray.tofile(fout)`
+    asks whether the file object is os.PathLike, and numpy takes the error of a Ctrl-C
+    that lands in that check for a yes: the KeyboardInterrupt came out as
+    "TypeError: expected str, bytes or os.PathLike object, not BufferedWriter"."""
+    from gguf.gguf_writer import WriterState
+
+    writer.write_ti_data_to_file()
+    for fout, tensors in zip(writer.fout, writer.tensors):
+        writer.write_padding(fout, fout.tell())
+        for ti in tensors.values():
+            data = np.ascontiguousarray(ti.tensor).reshape(-1).view(np.uint8)
+            assert data.nbytes == ti.nbytes
+            fout.write(memoryview(data))
+            writer.write_padding(fout, ti.nbytes)
+            ti.tensor = None
+    writer.state = WriterState.WEIGHTS
+
+
 def export_gguf(src: str | os.PathLike | ModelSource, out_path: str | os.PathLike, quant: str = "f32",
                 tokenizer: str | os.PathLike | None = None, no_vocab: bool = False, pure: bool = False,
                 on_tensor: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None) -> dict:
@@ -274,11 +293,20 @@ def export_gguf(src: str | os.PathLike | ModelSource, out_path: str | os.PathLik
             on_tensor(name)
     for note, names in notes.items():
         warn(f"{len(names)} tensor(s) {note} ({', '.join(names)})")
-    with atomic_path(out_path) as tmp:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+    # The tensors alone are checked against the free space; the estimate adds a bound on
+    # the tokenizer (GPT-2 byte-to-unicode spelling at most doubles a token) and padding.
+    tensor_bytes = sum(ti.nbytes for shard in writer.tensors for ti in shard.values())
+    estimate = tensor_bytes + (1 << 16) + 96 * sum(len(shard) for shard in writer.tensors)
+    if tok is not None:
+        estimate += sum(2 * len(t) + 12 for t in tok.tokens) + 16 * len(tok.merges) + sum(
+            2 * (len(tok.tokens[a]) + len(tok.tokens[b])) for a, b in tok.merges)
+    with atomic_path(out_path, expected_size=estimate, required_size=tensor_bytes) as tmp:
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            _write_tensors(writer)
+        finally:
+            writer.close()
     return {
         "output": str(out_path),
         "source": where,

@@ -29,8 +29,17 @@ def _weight_files(d: Path) -> list[Path]:
         if not isinstance(wm, dict) or not wm:
             raise UserError(f"{index}: lacks a 'weight_map' object")
         files = []
+        for key, name in wm.items():
+            # A shard is a file of this folder, named relative to it: an absolute name or
+            # one that climbs out with '..' is refused before anything is opened. Checked
+            # on the name, not the resolved path, so that shards which are symlinks into a
+            # cache (the Hugging Face hub's snapshots/ -> blobs/) still load.
+            parts = Path(name).parts if isinstance(name, str) and "\0" not in name else ()
+            if not parts or Path(name).is_absolute() or ".." in parts:
+                raise UserError(f"{index}: shard {name!r} of tensor {key!r} is not a file name inside {d} "
+                                "(a shard must lie in the model folder)")
         for name in dict.fromkeys(wm.values()):
-            f = d / str(name)
+            f = d / name
             if not f.is_file():
                 raise UserError(f"{index}: shard {name!r} (holding e.g. {next(k for k, v in wm.items() if v == name)!r}) "
                                 "does not exist")

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -26,57 +22,13 @@ from smedjan.export.hf_config import DTYPE_NAMES, config_to_hf, generation_confi
 from smedjan.export.names import Unsupported, external_names
 from smedjan.export.source import ModelSource
 from smedjan.formats import constants as C
-from smedjan.io import _fsync_dir
+from smedjan.formats.safetensors import safetensors_size, write_safetensors
+from smedjan.io import atomic_dir
 from smedjan.tokenizer.specials import special_ids
-
-
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path` (an existing folder
-    is swapped out only after the new one is complete; a failure leaves it untouched)."""
-    target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"{target}: output folder {parent} does not exist")
-    if target.exists() and not target.is_dir():
-        raise UserError(f"{target}: exists and is not a folder")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~_umask())
-        if not target.exists():
-            os.replace(tmp, target)
-        else:
-            # two renames (POSIX cannot swap folders atomically): the old folder steps aside,
-            # the new one takes its name, and a failure in between puts the old one back
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=parent))
-            os.replace(target, old / target.name)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old / target.name, target)
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def export_hf(src: ModelSource, out_dir: str | os.PathLike) -> dict:
     """Write `src` as an HF LlamaForCausalLM folder; returns a summary."""
-    from safetensors.torch import save_file
-
     from smedjan.chat import CHAT_TEMPLATE
     from smedjan.tokenizer.hf import to_hf_tokenizer_json
 
@@ -113,10 +65,15 @@ def export_hf(src: ModelSource, out_dir: str | os.PathLike) -> dict:
         "tokenizer.json": to_hf_tokenizer_json(tok),
         "tokenizer_config.json": tok_config,
     }
-    with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for name, obj in files.items():
-            (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    md = {"format": "pt"}
+    texts = {name: json.dumps(obj, indent=2, ensure_ascii=False) + "\n" for name, obj in files.items()}
+    size = safetensors_size(tensors, md)
+    with atomic_dir(out_dir, expected_size=size + sum(len(t.encode()) for t in texts.values()),
+                    required_size=size) as tmp:
+        with open(tmp / "model.safetensors", "wb") as f:
+            write_safetensors(f, tensors, md)
+        for name, text in texts.items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return {"output": str(out_dir), "architecture": "LlamaForCausalLM", "dtype": DTYPE_NAMES[dtype],
             "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
             "vocab_size": cfg.vocab_size, "tokenizer_fingerprint": tok.fingerprint,

@@ -63,6 +63,6 @@ def read_header_from(f: BinaryIO, path: Path, magic: bytes, version: int, kind: 
 
 def read_header(path: str | Path, magic: bytes, version: int, kind: str) -> tuple[dict, int]:
     """Return (metadata, payload offset) after checking magic, version and kind."""
-    p = check_input_file(path, f"{kind} file")
+    p = check_input_file(path, "token" if kind == "tokens" else kind)  # "train.bin: token file does not exist"
     with open(p, "rb") as f:
         return read_header_from(f, p, magic, version, kind)

@@ -29,7 +29,7 @@ import torch
 
 from smedjan.errors import UserError
 from smedjan.formats import constants as C
-from smedjan.io import atomic_path, check_input_file
+from smedjan.io import atomic_write, check_input_file
 
 TOKENIZER_TENSOR = "smedjan.tokenizer"
 # Format 1 (the first release) named the block's parts after the one architecture it had.
@@ -97,8 +97,9 @@ def _meta_value(v) -> str:
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, kind: str, config=None,
                     tokenizer=None, meta: dict | None = None) -> None:
-    """Write tensors + metadata atomically. `config` is a ModelConfig, `tokenizer` a Tokenizer."""
-    from safetensors.torch import save_file
+    """Write tensors + metadata atomically. `config` is a ModelConfig, `tokenizer` a Tokenizer.
+    The free space is checked first (the size is known exactly); a full disk is one line."""
+    from smedjan.formats import safetensors as st
 
     assert kind in (C.KIND_MODEL, C.KIND_TRAIN_STATE), kind
     out = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -110,8 +111,8 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *
         md["tokenizer_fingerprint"] = tokenizer.fingerprint
     for k, v in (meta or {}).items():
         md[k] = _meta_value(v)
-    with atomic_path(path) as tmp:
-        save_file(out, str(tmp), metadata=md)
+    with atomic_write(path, expected_size=st.safetensors_size(out, md)) as f:
+        st.write_safetensors(f, out, md)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

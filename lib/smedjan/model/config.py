@@ -88,7 +88,8 @@ class ModelConfig:
         # Own copies: dataclasses.replace() shares nested objects, and resolve() fills them in.
         for name in _NESTED:
             setattr(self, name, copy.deepcopy(getattr(self, name)))
-        self.extra = dict(self.extra)
+        if isinstance(self.extra, dict):  # else validate() names the field
+            self.extra = dict(self.extra)
         self.validate()
 
     def validate(self) -> None:
@@ -254,8 +255,8 @@ class ModelConfig:
                 if k in nested:
                     raise UserError(f"model config sets {k} both flat and nested")
                 nested[k] = v
-        nested = {k: _NESTED[k](**v) for k, v in nested.items()}
         try:
+            nested = {k: _NESTED[k](**v) for k, v in nested.items()}
             return cls(**top, **nested)
         except TypeError as e:
             raise UserError(f"model config is malformed ({e})") from None

@@ -102,12 +102,19 @@ def flags(section: dict, skip: set[str] = frozenset()) -> list[str]:
             out.append(flag if value else "--no-" + key.replace("_", "-"))
         elif isinstance(value, list):
             for v in value:
+                if isinstance(v, (bool, list, dict)):
+                    raise UserError(f"flag {key!r} lists a {type(v).__name__}; a list holds strings or numbers")
                 out += [flag, str(v)]
         elif isinstance(value, (int, float, str)):
             out += [flag, str(value)]
         else:
             raise UserError(f"flag {key!r} has a {type(value).__name__} value; use a string, number, bool or list")
     return out
+
+
+def _names(value) -> bool:
+    """A non-empty list of non-empty strings (file names, globs, quant names)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
 
 
 def expand_files(inputs: list[str], base: Path) -> list[str]:
@@ -158,8 +165,12 @@ def load_pipeline(path: str | os.PathLike, runs: str | os.PathLike = "runs", bas
         bad = set(body) & WIRED.get(sec, set())
         if bad:
             raise UserError(f"{path}: [{sec}] sets {sorted(bad)[0]!r}, which the pipeline wires itself")
+        try:
+            flags(body, skip={"input", "data", "quant"})  # every value has a flag's type, checked here once
+        except UserError as e:
+            raise UserError(f"{path}: [{sec}] {e}") from None
     corpus = settings["corpus"].get("input")
-    if not corpus or not isinstance(corpus, list) or not all(isinstance(c, str) for c in corpus):
+    if not _names(corpus):
         raise UserError(f"{path}: [corpus] needs input = [files, folders, globs or hf://datasets/... inputs]")
     from smedjan.data.hub import is_hub_url, parse
 
@@ -202,7 +213,7 @@ def load_pipeline(path: str | os.PathLike, runs: str | os.PathLike = "runs", bas
             continue
         section = dict(st[post])
         data = section.pop("data", None)
-        if not data or not isinstance(data, list):
+        if not _names(data):
             raise UserError(f"{path}: [{post}] needs data = [files]")
         data_files = [str(p if Path(p).is_absolute() else base / p) for p in data]
         for f in data_files:
@@ -216,6 +227,8 @@ def load_pipeline(path: str | os.PathLike, runs: str | os.PathLike = "runs", bas
     export = dict(st["export"])
     quants = export.pop("quant", ["q4_0"])
     quants = quants if isinstance(quants, list) else [quants]
+    if not _names(quants):
+        raise UserError(f"{path}: [export] quant must be a name or a list of names (q4_0, q8_0, f32)")
     ggufs = [str(root / f"model-{q}.gguf") for q in quants]
     add("export", [["export-gguf", "--checkpoint", str(model), "--output", g, "--quant", q, *flags(export)]
                    for q, g in zip(quants, ggufs)], [str(model)], ggufs, {})

@@ -198,7 +198,7 @@ def _sharegpt_turn(t: Any, key: str) -> dict:
         role, content = t["role"], t["content"]
     else:
         raise Bad(f"{key} needs 'from' and 'value'")
-    if role not in SHAREGPT_ROLES:
+    if not isinstance(role, str) or role not in SHAREGPT_ROLES:
         raise Bad(f"{key} has unknown speaker {role!r} (expected one of {', '.join(SHAREGPT_ROLES)})")
     if not isinstance(content, str):
         raise Bad(f"{key} value is {type(content).__name__}, expected a string")

@@ -179,32 +179,50 @@ class Tokenizer:
 
     @classmethod
     def from_bytes(cls, data: bytes, path: str | os.PathLike = "<bytes>") -> "Tokenizer":
+        """Parse tokenizer.bin bytes. Every number of the header is checked against the payload
+        before it is used (the fingerprint covers the payload, not the header's counts), so a
+        damaged file is one UserError naming `path` and the tool that regenerates it."""
         import io
 
         p = Path(path)
         bad = f"; regenerate it with `{C.REGENERATE['tokenizer']}`"
+
+        def refuse(what: str) -> UserError:
+            return UserError(f"{p}: {what} (corrupt file){bad}")
+
         f = io.BytesIO(data)
         meta, off = read_header_from(f, p, C.TOKENIZER_MAGIC, C.TOKENIZER_VERSION, "tokenizer")
-        try:
-            n, m, size = int(meta["vocab_size"]), int(meta["n_merges"]), int(meta["payload_bytes"])
-            specials = {str(k): int(v) for k, v in meta["specials"].items()}
-            pattern, fingerprint = str(meta["pattern"]), str(meta["fingerprint"])
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise UserError(f"{p}: tokenizer header lacks or garbles {e}{bad}") from None
+        for key, typ in (("vocab_size", int), ("n_merges", int), ("payload_bytes", int), ("specials", dict),
+                         ("pattern", str), ("fingerprint", str)):
+            v = meta.get(key)
+            if not isinstance(v, typ) or isinstance(v, bool):
+                raise refuse(f"header field {key!r} is missing or not a{'n' if typ is int else ''} {typ.__name__}")
+        n, m, size = meta["vocab_size"], meta["n_merges"], meta["payload_bytes"]
+        specials, pattern, fingerprint = meta["specials"], meta["pattern"], meta["fingerprint"]
+        if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in specials.items()):
+            raise refuse("header field 'specials' is not a map of names to ids")
         payload = data[off:]
         if len(payload) != size:
             raise UserError(f"{p}: payload is {len(payload)} bytes, header says {size} (truncated?){bad}")
         if cls._hash(pattern, specials, payload) != fingerprint:
             raise UserError(f"{p}: checksum mismatch, the file is corrupt{bad}")
+        # The payload is u32[n] lengths | their bytes | u32[m, 2] merges: the counts must
+        # account for it exactly.
+        if not 256 <= n <= size // 4 or m < 0:
+            raise refuse(f"vocab_size {n} or n_merges {m} is out of range for a payload of {size} bytes")
         lengths = np.frombuffer(payload, dtype="<u4", count=n)
-        total = int(lengths.sum())
+        total = int(lengths.sum(dtype=np.uint64))
+        if 4 * n + total + 8 * m != size:
+            raise refuse(f"vocab_size {n} and n_merges {m} do not match the payload of {size} bytes")
         blob = payload[4 * n: 4 * n + total]
-        ends = np.cumsum(lengths)
+        ends = np.cumsum(lengths, dtype=np.uint64)
         starts = ends - lengths
         tokens = [blob[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
         merges = np.frombuffer(payload, dtype="<u4", offset=4 * n + total, count=2 * m).reshape(-1, 2)
+        source = meta.get("source", "trained")
         try:
-            tok = cls(tokens, [tuple(x) for x in merges.tolist()], specials, pattern, meta.get("source", "trained"))
+            tok = cls(tokens, [tuple(x) for x in merges.tolist()], specials, pattern,
+                      source if isinstance(source, str) else "trained")
         except UserError as e:
             raise UserError(f"{p}: {e}{bad}") from None
         tok.corpus = meta.get("corpus") if isinstance(meta.get("corpus"), dict) else None

@@ -31,10 +31,12 @@ def from_gpt2_files(vocab_path: str | Path, merges_path: str | Path, chat_specia
         vocab = json.loads(vp.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{vp}: not a JSON vocabulary ({e.__class__.__name__}: {e})") from None
-    if not isinstance(vocab, dict) or not vocab or not all(isinstance(v, int) for v in vocab.values()):
+    if not isinstance(vocab, dict) or not vocab or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()):
         raise UserError(f"{vp}: expected a JSON object mapping token strings to integer ids")
-    n = max(vocab.values()) + 1
-    if sorted(vocab.values()) != list(range(n)):
+    n = len(vocab)
+    # checked without building anything of the size an id claims
+    if len(set(vocab.values())) != n or not all(0 <= v < n for v in vocab.values()):
         raise UserError(f"{vp}: token ids are not exactly 0..{n - 1}")
     merges: list[tuple[int, int]] = []
     try:

@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 from smedjan.errors import UserError
 from smedjan.formats import constants as C
-from smedjan.parallel import worker_pool
+from smedjan.parallel import ordered_map
 from smedjan.tokenizer.core import Tokenizer
 
 JOB_CHARS = 2_000_000
@@ -78,9 +78,8 @@ def count_pieces(texts: Iterable[str], pattern: str = C.DEFAULT_PRETOKENIZER, wo
         for job in jobs_with_progress():
             total.update(_count_job(job))
         return total
-    with worker_pool(workers, _init_worker, (pattern,)) as pool:
-        for part in pool.imap(_count_job, jobs_with_progress(), chunksize=1):
-            total.update(part)
+    for part in ordered_map(_count_job, jobs_with_progress(), workers, _init_worker, (pattern,)):
+        total.update(part)
     return total
 
 

@@ -66,7 +66,7 @@ from smedjan.errors import UserError
 from smedjan.formats import constants as C
 from smedjan.formats.checkpoint import save_checkpoint
 from smedjan.training.dist import DistContext
-from smedjan.training.files import MetricsLog, clean_stale_temps, rotate_states
+from smedjan.training.files import MetricsLog, clean_stale_temps, hold_run_folder, rotate_states
 from smedjan.training.state import (LoadedState, apply_train_state, config_diff, list_states, read_train_state,
                                     save_train_state, state_path)
 
@@ -363,6 +363,10 @@ class Trainer:
         return every > 0 and self.step % every == 0
 
     def fit(self) -> TrainResult:
+        with hold_run_folder(self.folder if self.writes else None):  # one run per folder
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         cfg = self.cfg
         self._prepare_folder()
         self.model.train()

@@ -81,9 +81,10 @@ def restore_rng(ck: Checkpoint) -> None:
                              n["cached_gaussian"]))
         p = meta["python"]
         random.setstate((p["version"], tuple(int(v) for v in t["rng.python"].tolist()), p["gauss_next"]))
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        cuda = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in t.items() if k.startswith("rng.cuda."))
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as e:
+        # OverflowError: a Mersenne twister word out of range (random.setstate)
         raise UserError(f"{ck.path}: RNG state missing or corrupt ({e.__class__.__name__}: {e})") from None
-    cuda = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in t.items() if k.startswith("rng.cuda."))
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([v for _, v in cuda])
 
@@ -113,13 +114,35 @@ def optimizer_to_checkpoint(optimizer: torch.optim.Optimizer) -> tuple[dict[str,
     return tensors, {"class": type(optimizer).__name__, "param_groups": groups, "scalars": scalars}
 
 
+# The state every parameter of these optimizers holds once it has stepped (AdamW with
+# amsgrad adds max_exp_avg_sq); other optimizers are checked for consistency only.
+_STATE_KEYS = {"AdamW": {"step", "exp_avg", "exp_avg_sq"}, "Adam": {"step", "exp_avg", "exp_avg_sq"}}
+
+
+def _check_param_state(path, name: str, st: dict, param: torch.Tensor, group: dict, cls: str) -> None:
+    """A parameter's saved optimizer state must have the keys its optimizer uses and, for
+    every tensor beyond a scalar, the parameter's shape: else the first step would fail."""
+    want = _STATE_KEYS.get(cls)
+    if want is not None:
+        want = want | ({"max_exp_avg_sq"} if group.get("amsgrad") else set())
+        if set(st) != want:
+            raise UserError(f"{path}: optimizer state of {name!r} has {sorted(st)}, expected {sorted(want)} (corrupt)")
+    for key, v in st.items():
+        if isinstance(v, torch.Tensor) and v.dim() and tuple(v.shape) != tuple(param.shape):
+            raise UserError(f"{path}: optimizer state {name}.{key} has shape {tuple(v.shape)}, the parameter "
+                            f"{tuple(param.shape)} (corrupt)")
+        if key == "step" and not (isinstance(v, (int, float)) or isinstance(v, torch.Tensor) and v.dim() == 0):
+            raise UserError(f"{path}: optimizer state {name}.step is not a number (corrupt)")
+
+
 def optimizer_from_checkpoint(optimizer: torch.optim.Optimizer, ck: Checkpoint) -> None:
     meta = ck.json("optimizer")
-    if not isinstance(meta, dict) or "param_groups" not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list) or not all(
+            isinstance(g, dict) for g in meta["param_groups"]) or not isinstance(meta.get("scalars", {}), dict):
         raise UserError(f"{ck.path}: optimizer state missing or corrupt")
-    if meta.get("class") != type(optimizer).__name__:
-        raise UserError(f"{ck.path}: holds {meta.get('class')} state, this run uses {type(optimizer).__name__} "
-                        "(--optimizer differs)")
+    cls = type(optimizer).__name__
+    if meta.get("class") != cls:
+        raise UserError(f"{ck.path}: holds {meta.get('class')} state, this run uses {cls} (--optimizer differs)")
     current = optimizer.state_dict()["param_groups"]
     names = _index_names(optimizer)
     saved = meta["param_groups"]
@@ -129,24 +152,55 @@ def optimizer_from_checkpoint(optimizer: torch.optim.Optimizer, ck: Checkpoint) 
     # `optim.state.<param name>.<key>`: optimizer state keys (exp_avg, step, ...) have no dots.
     per_name: dict[str, dict] = {}
     for k, v in ck.prefixed("optim.state.").items():
-        name, key = k.rsplit(".", 1)
+        name, _, key = k.rpartition(".")
         per_name.setdefault(name, {})[key] = v
     for name, extra in meta.get("scalars", {}).items():
+        if not isinstance(extra, dict):
+            raise UserError(f"{ck.path}: optimizer state missing or corrupt (scalars of {name!r})")
         per_name.setdefault(name, {}).update(extra)
     flat = [n for ns in names for n in ns]
     unknown = set(per_name) - set(flat)
     if unknown:
         raise UserError(f"{ck.path}: optimizer state for unknown parameter {sorted(unknown)[0]!r}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    group_of = [g for g in saved for _ in g["names"]]
+    for idx, name in enumerate(flat):
+        if name in per_name:
+            _check_param_state(ck.path, name, per_name[name], params[idx], group_of[idx], cls)
     state = {idx: per_name[name] for idx, name in enumerate(flat) if name in per_name}
-    groups = []
-    for cur, sv in zip(current, saved):
-        g = {**sv, "params": cur["params"]}
-        g.update({k: cur[k] for k in _GROUP_KEYS_KEPT if k in cur})
-        groups.append(g)
+    groups = [_restored_group(cur, sv, ck.path) for cur, sv in zip(current, saved)]
     try:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"{ck.path}: optimizer state does not fit this model ({e})") from None
+
+
+def _same_kind(a, b) -> bool:
+    """Whether saved value `b` may stand in for the optimizer's own value `a`."""
+    if isinstance(a, bool) or a is None:
+        return type(b) is type(a)
+    if isinstance(a, (int, float)):
+        return isinstance(b, (int, float)) and not isinstance(b, bool)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same_kind(x, y) for x, y in zip(a, b))
+    return type(b) is type(a)
+
+
+def _restored_group(cur: dict, saved, path) -> dict:
+    """The optimizer's param group `cur` with the saved hyperparameters (lr, betas, ...): every
+    key the optimizer has must be saved, with a value of the same kind; keys in
+    `_GROUP_KEYS_KEPT` stay the current run's."""
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: optimizer state missing or corrupt (a parameter group is not an object)")
+    g = {"params": cur["params"]}
+    for k, v in cur.items():
+        if k == "params" or k in _GROUP_KEYS_KEPT:
+            g[k] = v
+        elif k not in saved or not _same_kind(v, saved[k]):
+            raise UserError(f"{path}: optimizer state missing or corrupt (parameter group value {k!r})")
+        else:
+            g[k] = tuple(saved[k]) if isinstance(v, tuple) else saved[k]
+    return g
 
 
 # ---------------------------------------------------------------------------- files
