@@ -31,15 +31,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BEFORE = {"size": "tiny", "batch_size": 16, "seq_len": 256, "steps": 480, "lr": 3e-3, "min_lr": 3e-4, "warmup": 50,
           "lr_schedule": "cosine", "optimizer": "adamw"}
+# The hybrid has a rate per role (no --lr): the same schedule floor as a fraction.
+HYBRID = {"lr": None, "min_lr": None, "final_lr_frac": 0.1}
 # name -> flags over the tiny pipeline's [train] section ({} = the recipe as shipped).
 # "BEFORE" rows start from the old recipe instead, so they isolate the optimizer.
 ROWS: dict[str, tuple[str, dict]] = {
     "adamw (before)": ("BEFORE", {}),
     "adamw-8bit": ("BEFORE", {"optimizer": "adamw-8bit"}),
     "adamw-cpu": ("BEFORE", {"optimizer": "adamw-cpu"}),
-    "sophia": ("BEFORE", {"optimizer": "sophia", "lr": 1e-3, "min_lr": 1e-4}),
+    "sophia": ("BEFORE", {"optimizer": "sophia"}),
     "muon": ("BEFORE", {"optimizer": "muon"}),
-    "hybrid": ("BEFORE", {"optimizer": "hybrid"}),
+    "hybrid": ("BEFORE", {"optimizer": "hybrid", **HYBRID}),
     "recipe (tiny.toml)": ("RECIPE", {}),
 }
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import assert_user_error
-from train_helpers import MICRO, last_step, losses, metrics, popen_train, token_files, train
+from train_helpers import MICRO, for_optimizer, last_step, losses, metrics, popen_train, token_files, train
 
 from smedjan.formats import constants as C
 from smedjan.formats.checkpoint import load_checkpoint
@@ -200,7 +200,8 @@ STATE_KEY = {"adamw": "tok_embeddings.weight.exp_avg_sq", "adamw-cpu": "tok_embe
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_every_optimizer_resumes_bit_for_bit(data, tmp_path, name):
-    flags = [*MICRO, "--steps", "12", "--checkpoint-every", "4", "--keep", "0", "--optimizer", name, *OPTIMIZERS[name]]
+    flags = [*for_optimizer(MICRO, name), "--steps", "12", "--checkpoint-every", "4", "--keep", "0", "--optimizer", name,
+             *OPTIMIZERS[name]]
     full, part = tmp_path / "full", tmp_path / "part"
     res = train(*io(data, val=False), *flags, "--checkpoint-dir", full)
     assert res.code == 0, res
@@ -218,6 +219,7 @@ def test_every_optimizer_resumes_bit_for_bit(data, tmp_path, name):
 @pytest.mark.parametrize("flags,message", [
     (["--optimizer", "lion"], "--optimizer 'lion' is not available"),
     (["--optimizer", "hybrid", "--matrix-lr", "-0.02"], "--matrix-lr -0.02 must be a positive number"),
+    (["--optimizer", "hybrid", "--lr", "0.01"], "--lr does not apply to --optimizer hybrid"),
     (["--optimizer", "adamw", "--normuon"], "--normuon does not apply to --optimizer adamw"),
     (["--optimizer", "sophia", "--sophia-rho", "0"], "--sophia-rho 0.0 must be a positive number"),
     (["--optimizer", "muon", "--adam-beta1", "1.5"], "--adam-beta1 1.5 must be in [0, 1)"),
@@ -226,7 +228,9 @@ def test_every_optimizer_resumes_bit_for_bit(data, tmp_path, name):
     (["--total-batch-size", "-1", "--steps", "5"], "--total-batch-size -1 derives the batch from the horizon"),
 ])
 def test_bad_optimizer_flags_are_one_line_errors(data, tmp_path, flags, message):
-    res = train(*io(data, val=False), *MICRO, "--steps", "5", *flags, "--checkpoint-dir", tmp_path / "ck")
+    base = MICRO if "--lr" in flags else for_optimizer(MICRO, flags[flags.index("--optimizer") + 1]
+                                                        if "--optimizer" in flags else "adamw")
+    res = train(*io(data, val=False), *base, "--steps", "5", *flags, "--checkpoint-dir", tmp_path / "ck")
     assert_user_error(res, message)
     assert not (tmp_path / "ck").exists()
 
@@ -234,7 +238,8 @@ def test_bad_optimizer_flags_are_one_line_errors(data, tmp_path, flags, message)
 def test_total_batch_size_sets_grad_accum_and_scales_the_rates(data, tmp_path):
     import json
 
-    res = train(*io(data, val=False), *MICRO, "--steps", "2", "--total-batch-size", "256", "--optimizer", "hybrid",
+    res = train(*io(data, val=False), *for_optimizer(MICRO, "hybrid"), "--steps", "2", "--total-batch-size", "256",
+                "--optimizer", "hybrid",
                 "--checkpoint-dir", tmp_path, "--json")
     assert res.code == 0, res
     assert json.loads(res.out)["tokens"] == 2 * 256  # 4 x 32 per micro-batch, 2 micro-batches

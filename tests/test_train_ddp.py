@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from train_helpers import ENV1, MICRO, losses, metrics, token_files, train
+from train_helpers import ENV1, MICRO, for_optimizer, losses, metrics, token_files, train
 
 from smedjan.formats.checkpoint import load_checkpoint
 
@@ -41,9 +41,10 @@ def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path_factory, to
     io = ["--dataset", train_bin, "--tokenizer", tokenizer_path, "--val-dataset", val_bin]
     one, two = tmp_path / "one", tmp_path / "two"
     opt = ["--optimizer", name, *OPTIMIZERS[name]]
-    res = train(*io, *FLAGS, *opt, "--batch-size", "4", "--checkpoint-dir", one, "--json")
+    flags = for_optimizer(FLAGS, name)
+    res = train(*io, *flags, *opt, "--batch-size", "4", "--checkpoint-dir", one, "--json")
     assert res.code == 0, res
-    proc = torchrun(*io, *FLAGS, *opt, "--batch-size", "2", "--checkpoint-dir", two, "--json")
+    proc = torchrun(*io, *flags, *opt, "--batch-size", "2", "--checkpoint-dir", two, "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["world_size"] == 2  # only rank 0 reports

@@ -60,7 +60,15 @@ def check_run(o: RunOptions) -> None:
             raise UserError(msg)
     from smedjan.optim.registry import canonical, check_settings
 
-    check_settings(canonical(o.optimizer), optimizer_settings(o))
+    name = canonical(o.optimizer)
+    if name == "hybrid":  # every role has its own rate: a global one would be ignored
+        if o.lr != type(o).__dataclass_fields__["lr"].default:
+            raise UserError("`lr` does not apply to `optimizer` hybrid: each role has its own rate (`matrix_lr`, "
+                            "`embedding_lr`, `unembedding_lr`, `scalar_lr`)")
+        if o.min_lr is not None:
+            raise UserError("`min_lr` does not apply to `optimizer` hybrid (its roles have different rates): use "
+                            "`final_lr_frac`")
+    check_settings(name, optimizer_settings(o))
 
 
 def optimizer_settings(o: RunOptions, width: int = 768, lr_schedule=None, lr_scale: float = 1.0):

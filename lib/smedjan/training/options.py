@@ -29,8 +29,10 @@ class RunOptions:
     batch_size: int = option(32, "Sequences per step per process.")
     grad_accum: int = option(1, "Micro-batches per step; effective batch = batch-size x grad-accum x processes.")
     steps: int | None = option(None, "Optimizer steps.")
-    lr: float = option(3e-4, "Peak learning rate.")
-    min_lr: float | None = option(None, "Floor of the decay (cosine, wsd, trapezoid, invsqrt). Default: --lr / 10.")
+    lr: float = option(3e-4, "Peak learning rate (muon: of the roles AdamW trains; not hybrid, whose roles have "
+                             "their own: --matrix-lr ...).")
+    min_lr: float | None = option(None, "Floor of the decay (cosine, wsd, trapezoid, invsqrt). Default: --lr / 10 "
+                                        "(hybrid: --final-lr-frac).")
     warmup: int | None = option(None, "Steps of linear LR warmup. Default: 5% of the steps.")
     warmdown: float = option(0.2, "wsd / trapezoid: fraction of the steps spent cooling down.")
     lr_schedule: str = option("cosine", "cosine, wsd, wso, invsqrt or trapezoid.")
