@@ -74,9 +74,12 @@ def prepare(pipeline: dict, work: Path) -> tuple[Path, Path, Path]:
     return tok, train, val
 
 
-def run_row(name: str, section: dict, files, work: Path, steps: int | None, threads: int) -> dict:
+def run_row(name: str, section: dict, files, work: Path, steps: int | None, threads: int,
+            validate: bool = True) -> dict:
     tok, train, val = files
     section = dict(section)
+    if not validate:
+        section.pop("val_tokens", None)
     if steps is not None:
         section["steps"] = steps
         if "warmup" in section:  # keep the warmup's share of the run
@@ -85,7 +88,8 @@ def run_row(name: str, section: dict, files, work: Path, steps: int | None, thre
         section.pop(k, None)
     folder = work / "rows" / name.split()[0]
     folder.parent.mkdir(parents=True, exist_ok=True)
-    cmd = ["smedjan", "train", "--dataset", str(train), "--val-dataset", str(val), "--tokenizer", str(tok),
+    cmd = ["smedjan", "train", "--dataset", str(train), *(["--val-dataset", str(val)] if validate else []),
+           "--tokenizer", str(tok),
            *flags(section), "--checkpoint-every", "0", "--checkpoint-dir", str(folder), "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SMEDJAN_PLAIN_PROGRESS": "1"}
     t0 = time.perf_counter()
@@ -94,6 +98,8 @@ def run_row(name: str, section: dict, files, work: Path, steps: int | None, thre
     if proc.returncode != 0:
         return {"row": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     s = json.loads(proc.stdout)
+    if not validate:
+        return {"row": name, "tok_s": s["tokens"] / s["seconds"]}
     return {"row": name, "val_loss": s["val_loss"], "val_bpb": s["val_bpb"], "tok_s": s["tokens"] / s["seconds"],
             "train_seconds": s["seconds"], "wall_seconds": wall, "flags": " ".join(flags(section))}
 
@@ -107,6 +113,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
                     help='an ad-hoc row: name={"flag": value, ...} over the old recipe (experiments)')
+    ap.add_argument("--speed", type=int, metavar="STEPS",
+                    help="only time the rows: STEPS steps each, no validation, in --rounds alternating rounds; "
+                         "prints the median tok/s and its ratio to the first row's")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     pipeline = tomllib.loads(Path(a.pipeline).read_text())
@@ -122,6 +132,9 @@ def main() -> None:
     work = Path(a.work)
     files = prepare(pipeline, work)
     val_tokens = pipeline["train"].get("val_tokens")
+    if a.speed:
+        speed(chosen, rows, bases, files, work, a)
+        return
     results = []
     for name in chosen:
         base, over = rows[name]
@@ -142,6 +155,25 @@ def main() -> None:
                f"{r['train_seconds'] / ref['train_seconds']:.2f}x time") if ref else ""
         print(f"| {r['row']} | {r['val_loss']:.4f} | {r['val_bpb']:.4f} | {r['tok_s']:,.0f} | "
               f"{r['train_seconds']:.0f} | {rel} |")
+
+
+def speed(chosen: list[str], rows: dict, bases: dict, files, work: Path, a) -> None:
+    """Alternating rounds, so load from other processes hits every row alike; median tok/s."""
+    import statistics
+
+    got: dict[str, list[float]] = {n: [] for n in chosen}
+    for _ in range(a.rounds):
+        for name in chosen:
+            base, over = rows[name]
+            r = run_row(name, {**bases[base], **over}, files, work, a.speed, a.threads, validate=False)
+            if "error" in r:
+                raise SystemExit(f"{name}: {r['error']}")
+            got[name].append(r["tok_s"])
+    med = {n: statistics.median(v) for n, v in got.items()}
+    first = med[chosen[0]]
+    for n in chosen:
+        print(f"| {n} | {med[n]:,.0f} tok/s | {first / med[n]:.2f}x the time of {chosen[0]} | "
+              f"rounds {', '.join(f'{v:,.0f}' for v in got[n])} |")
 
 
 if __name__ == "__main__":

@@ -180,10 +180,15 @@ def test_help_lists_the_flags_and_defaults():
                  "--lr-schedule", "--checkpoint-dir", "--grad-accum", "--val-dataset", "--resume", "--init",
                  "--checkpoint-every", "--keep", "--seed", "--min-lr", "--target-flops", "--target-param-data-ratio",
                  "--optimizer", "--adamw-beta2", "--patience", "--device", "--compile", "--run", "--sample-every",
-                 "--kv-heads", "--sliding-window", "--yarn-scale", "--ffn-mult", "--max-bad-steps", "--json"):
+                 "--kv-heads", "--sliding-window", "--yarn-scale", "--ffn-mult", "--max-bad-steps", "--json",
+                 "--adam-beta1", "--matrix-lr", "--embedding-lr", "--unembedding-lr", "--scalar-lr", "--normuon",
+                 "--cautious", "--cautious-wd", "--muon-momentum", "--momentum-start", "--momentum-warmup",
+                 "--momentum-end", "--wd-schedule", "--sophia-rho", "--hessian-interval", "--warmup-ratio",
+                 "--final-lr-frac", "--total-batch-size"):
         assert flag in text, flag
     for default in ("default: 32", "default: 256", "default: 0.0003", "default: 2000", "default: cosine",
-                    "default: checkpoints", "50000", "wso", "130"):
+                    "default: checkpoints", "50000", "wso", "130", "adamw-8bit", "muon-adamw", "hybrid 0.85",
+                    "default: constant", "(default 0.04)", "0.3 untied"):
         assert default in text, default
 
 

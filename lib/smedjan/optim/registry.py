@@ -86,8 +86,8 @@ ALIASES = {"muon-adamw": "hybrid"}
 
 # Settings field -> its flag (library messages name flags in backquotes).
 KNOB_FLAGS = {"beta1": "adam_beta1", "beta2": "adamw_beta2", "muon_momentum": "muon_momentum",
-              "muon_momentum_start": "muon_momentum_start", "muon_momentum_end": "muon_momentum_end",
-              "muon_momentum_warmup": "muon_momentum_warmup", "normuon": "normuon", "cautious": "cautious",
+              "muon_momentum_start": "momentum_start", "muon_momentum_end": "momentum_end",
+              "muon_momentum_warmup": "momentum_warmup", "normuon": "normuon", "cautious": "cautious",
               "cautious_wd": "cautious_wd", "sophia_rho": "sophia_rho", "hessian_interval": "hessian_interval"}
 
 
@@ -118,7 +118,7 @@ def check_settings(name: str, s: OptimizerSettings) -> None:
         if getattr(s, knob) is not None:
             check_fraction(KNOB_FLAGS[knob], getattr(s, knob))
     if s.muon_momentum_warmup is not None and s.muon_momentum_warmup < 0:
-        raise UserError(f"`muon_momentum_warmup` {s.muon_momentum_warmup} must be >= 0")
+        raise UserError(f"`momentum_warmup` {s.muon_momentum_warmup} must be >= 0")
     if s.sophia_rho is not None:
         check_rate("sophia_rho", s.sophia_rho)
     if s.hessian_interval is not None and s.hessian_interval < 1:

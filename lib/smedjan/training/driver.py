@@ -78,8 +78,8 @@ def optimizer_settings(o: RunOptions, width: int = 768, lr_schedule=None, lr_sca
     return OptimizerSettings(
         lr=o.lr, beta1=o.adam_beta1, beta2=o.adamw_beta2, weight_decay=o.weight_decay,
         role_lr={k: getattr(o, k) for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")},
-        width=width, lr_scale=lr_scale, muon_momentum=o.muon_momentum, muon_momentum_start=o.muon_momentum_start,
-        muon_momentum_end=o.muon_momentum_end, muon_momentum_warmup=o.muon_momentum_warmup, normuon=o.normuon,
+        width=width, lr_scale=lr_scale, muon_momentum=o.muon_momentum, muon_momentum_start=o.momentum_start,
+        muon_momentum_end=o.momentum_end, muon_momentum_warmup=o.momentum_warmup, normuon=o.normuon,
         cautious=o.cautious, cautious_wd=o.cautious_wd, sophia_rho=o.sophia_rho, hessian_interval=o.hessian_interval,
         wd_schedule=o.wd_schedule, lr_schedule=lr_schedule, seed=o.seed)
 

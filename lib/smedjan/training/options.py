@@ -53,11 +53,11 @@ class RunOptions:
     scalar_lr: float | None = option(None, f"Rate of norm gains and scalars (default --lr; hybrid {HYBRID.SCALAR_LR}).")
     muon_momentum: float | None = option(None, f"Muon momentum (default {MUON_MOMENTUM}; hybrid: its peak, "
                                                f"{HYBRID.MOMENTUM}).")
-    muon_momentum_start: float | None = option(None, "Muon momentum at step 0, ramping to --muon-momentum over "
-                                                     "--muon-momentum-warmup steps (default: no ramp; hybrid "
+    momentum_start: float | None = option(None, "Muon momentum at step 0, ramping to --muon-momentum over "
+                                                     "--momentum-warmup steps (default: no ramp; hybrid "
                                                      f"{HYBRID.MOMENTUM_START}).")
-    muon_momentum_warmup: int | None = option(None, f"Steps of the Muon momentum ramp (hybrid {HYBRID.MOMENTUM_WARMUP}).")
-    muon_momentum_end: float | None = option(None, "Muon momentum at the last step, reached linearly over the LR "
+    momentum_warmup: int | None = option(None, f"Steps of the Muon momentum ramp (hybrid {HYBRID.MOMENTUM_WARMUP}).")
+    momentum_end: float | None = option(None, "Muon momentum at the last step, reached linearly over the LR "
                                                    f"decay (default: no change; hybrid {HYBRID.MOMENTUM_END}).")
     normuon: bool | None = option(None, "NorMuon: per-neuron second-moment normalisation of the Muon update, "
                                         "keeping its norm (default off; hybrid on).", flag="--normuon/--no-normuon")
