@@ -299,3 +299,39 @@ def test_offloaded_adamw_equals_adamw_bit_for_bit():
     again = OffloadAdamW(param_groups(b, 0.1), betas=(0.9, 0.95), eps=1e-5)
     again.load_state_dict(off.state_dict())
     assert all(t.device.type == "cpu" for st in again.state.values() for t in st.values())
+
+
+# ------------------------------------------------------------------ nanochat's knobs
+def test_total_batch_size_rule_and_scaling():
+    from smedjan.training.driver import resolve_total_batch
+    from smedjan.training.options import RunOptions
+
+    o = RunOptions(batch_size=4, total_batch_size=-1)
+    assert resolve_total_batch(o, 32, 2, horizon=(5e9, 5e9)) == 1.0  # at the reference horizon: 2^19 tokens
+    assert o.total_batch_size == 2 ** 19 and o.grad_accum == 2 ** 19 // (4 * 32 * 2)
+    o = RunOptions(batch_size=4, total_batch_size=-1)
+    scale = resolve_total_batch(o, 32, 1, horizon=(0.5 ** (1 / 0.383) * 1e9, 1e9))  # half the batch
+    assert o.total_batch_size == 2 ** 18 and scale == pytest.approx(0.5 ** 0.5)
+    o = RunOptions(batch_size=4, total_batch_size=512)
+    assert resolve_total_batch(o, 32, 1) == pytest.approx((512 / 2 ** 19) ** 0.5) and o.grad_accum == 4
+    assert resolve_total_batch(RunOptions(), 32, 1) == 1.0
+    with pytest.raises(UserError, match="`grad_accum` 3 and `total_batch_size` 512 disagree"):
+        resolve_total_batch(RunOptions(batch_size=4, grad_accum=3, total_batch_size=512), 32, 1)
+
+
+def test_warmup_ratio_and_final_lr_frac():
+    from smedjan.training.driver import check_run, resolve_warmup
+    from smedjan.training.options import RunOptions
+    from smedjan.training.pretrain import TrainArgs
+
+    assert resolve_warmup(RunOptions(warmup_ratio=0.1), 480) == 48
+    assert resolve_warmup(RunOptions(), 480) == 24 and resolve_warmup(RunOptions(warmup=7), 480) == 7
+    args = TrainArgs(dataset="d", tokenizer="t", warmup_ratio=0.25)  # train's --warmup default 2000 is not "given"
+    assert resolve_warmup(args, 100) == 25
+    with pytest.raises(UserError, match="`warmup_ratio` and `warmup` exclude each other"):
+        resolve_warmup(RunOptions(warmup=5, warmup_ratio=0.1), 100)
+    with pytest.raises(UserError, match="`final_lr_frac` and `min_lr` exclude each other"):
+        check_run(RunOptions(final_lr_frac=0.1, min_lr=1e-5))
+    with pytest.raises(UserError, match="`min_lr` does not apply to `optimizer` hybrid"):
+        check_run(RunOptions(optimizer="hybrid", min_lr=1e-5))
+    check_run(RunOptions(optimizer="muon-adamw", final_lr_frac=0.05))
