@@ -71,9 +71,9 @@ def test_weight_decay_really_skips_norms_and_embedding():
 
 def test_registry_and_bad_settings():
     assert "adamw" in OPTIMIZERS
-    with pytest.raises(UserError, match="--optimizer 'sgd'"):
+    with pytest.raises(UserError, match="`optimizer` .sgd."):
         build_optimizer("sgd", param_groups(model(), 0.1), OptimizerSettings())
-    with pytest.raises(UserError, match="--lr"):
+    with pytest.raises(UserError, match="`lr`"):
         build_optimizer("adamw", param_groups(model(), 0.1), OptimizerSettings(lr=0))
-    with pytest.raises(UserError, match="betas"):
+    with pytest.raises(UserError, match="`adamw_beta2`"):
         build_optimizer("adamw", param_groups(model(), 0.1), OptimizerSettings(beta2=1.0))

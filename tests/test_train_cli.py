@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import assert_user_error
-from train_helpers import MICRO, last_step, losses, metrics, popen_train, token_files, train
+from train_helpers import MICRO, for_optimizer, last_step, losses, metrics, popen_train, token_files, train
 
 from smedjan.formats import constants as C
 from smedjan.formats.checkpoint import load_checkpoint
@@ -180,10 +180,15 @@ def test_help_lists_the_flags_and_defaults():
                  "--lr-schedule", "--checkpoint-dir", "--grad-accum", "--val-dataset", "--resume", "--init",
                  "--checkpoint-every", "--keep", "--seed", "--min-lr", "--target-flops", "--target-param-data-ratio",
                  "--optimizer", "--adamw-beta2", "--patience", "--device", "--compile", "--run", "--sample-every",
-                 "--kv-heads", "--sliding-window", "--yarn-scale", "--ffn-mult", "--max-bad-steps", "--json"):
+                 "--kv-heads", "--sliding-window", "--yarn-scale", "--ffn-mult", "--max-bad-steps", "--json",
+                 "--adam-beta1", "--matrix-lr", "--embedding-lr", "--unembedding-lr", "--scalar-lr", "--normuon",
+                 "--cautious", "--cautious-wd", "--muon-momentum", "--momentum-start", "--momentum-warmup",
+                 "--momentum-end", "--wd-schedule", "--sophia-rho", "--hessian-interval", "--warmup-ratio",
+                 "--final-lr-frac", "--total-batch-size"):
         assert flag in text, flag
     for default in ("default: 32", "default: 256", "default: 0.0003", "default: 2000", "default: cosine",
-                    "default: checkpoints", "50000", "wso", "130"):
+                    "default: checkpoints", "50000", "wso", "130", "adamw-8bit", "muon-adamw", "hybrid 0.85",
+                    "default: constant", "(default 0.04)", "0.3 untied"):
         assert default in text, default
 
 
@@ -201,3 +206,65 @@ def test_a_second_train_into_a_busy_checkpoint_dir_is_refused(data, tmp_path):
     # the lock died with its holder: the next run goes ahead
     res = train(*io(data), *MICRO, "--steps", "5", "--checkpoint-dir", tmp_path)
     assert res.code == 0, res
+
+
+# Every optimizer of the menu (a flag or two so its moving parts are on: Sophia refreshes its
+# Hessian across the resume point, the hybrid's momentum schedule runs).
+OPTIMIZERS = {"adamw": [], "adamw-cpu": [], "adamw-8bit": [], "sophia": ["--hessian-interval", "3"], "muon": [],
+              "hybrid": ["--wd-schedule", "cosine"]}
+# a state tensor each optimizer must have written, by parameter name
+STATE_KEY = {"adamw": "tok_embeddings.weight.exp_avg_sq", "adamw-cpu": "tok_embeddings.weight.exp_avg",
+             "adamw-8bit": "tok_embeddings.weight.exp_avg_sq_absmax", "sophia": "layers.1.ffn.w2.weight.hessian",
+             "muon": "layers.0.mixer.wq.weight.momentum_buffer",
+             "hybrid": "layers.0.mixer.wq.weight.second_momentum_buffer"}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_optimizer_resumes_bit_for_bit(data, tmp_path, name):
+    flags = [*for_optimizer(MICRO, name), "--steps", "12", "--checkpoint-every", "4", "--keep", "0", "--optimizer", name,
+             *OPTIMIZERS[name]]
+    full, part = tmp_path / "full", tmp_path / "part"
+    res = train(*io(data, val=False), *flags, "--checkpoint-dir", full)
+    assert res.code == 0, res
+    st = load_checkpoint(full / "state_8.bin", kinds=(C.KIND_TRAIN_STATE,))
+    assert "optim.state." + STATE_KEY[name] in st.tensors
+    res = train(*io(data, val=False), *flags, "--checkpoint-dir", part, "--resume", full / "state_8.bin")
+    assert res.code == 0, res
+    a, b = losses(full), losses(part)
+    assert sorted(b) == list(range(9, 13)) and all(a[s] == b[s] for s in b)
+    wa = load_checkpoint(full / "final.bin").model_state()
+    wb = load_checkpoint(part / "final.bin").model_state()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--optimizer", "lion"], "--optimizer 'lion' is not available"),
+    (["--optimizer", "hybrid", "--matrix-lr", "-0.02"], "--matrix-lr -0.02 must be a positive number"),
+    (["--optimizer", "hybrid", "--lr", "0.01"], "--lr does not apply to --optimizer hybrid"),
+    (["--optimizer", "adamw", "--normuon"], "--normuon does not apply to --optimizer adamw"),
+    (["--optimizer", "sophia", "--sophia-rho", "0"], "--sophia-rho 0.0 must be a positive number"),
+    (["--optimizer", "muon", "--adam-beta1", "1.5"], "--adam-beta1 1.5 must be in [0, 1)"),
+    (["--warmup-ratio", "0.1", "--warmup", "5"], "--warmup-ratio and --warmup exclude each other"),
+    (["--total-batch-size", "100"], "--total-batch-size 100 is not a multiple"),
+    (["--total-batch-size", "-1", "--steps", "5"], "--total-batch-size -1 derives the batch from the horizon"),
+])
+def test_bad_optimizer_flags_are_one_line_errors(data, tmp_path, flags, message):
+    base = MICRO if "--lr" in flags else for_optimizer(MICRO, flags[flags.index("--optimizer") + 1]
+                                                        if "--optimizer" in flags else "adamw")
+    res = train(*io(data, val=False), *base, "--steps", "5", *flags, "--checkpoint-dir", tmp_path / "ck")
+    assert_user_error(res, message)
+    assert not (tmp_path / "ck").exists()
+
+
+def test_total_batch_size_sets_grad_accum_and_scales_the_rates(data, tmp_path):
+    import json
+
+    res = train(*io(data, val=False), *for_optimizer(MICRO, "hybrid"), "--steps", "2", "--total-batch-size", "256",
+                "--optimizer", "hybrid",
+                "--checkpoint-dir", tmp_path, "--json")
+    assert res.code == 0, res
+    assert json.loads(res.out)["tokens"] == 2 * 256  # 4 x 32 per micro-batch, 2 micro-batches
+    rc = load_checkpoint(tmp_path / "final.bin").json("run_config")
+    assert rc["grad_accum"] == 2 and rc["total_batch_size"] == 256
+    scale = (256 / 2 ** 19) ** 0.5
+    assert f"matrix muon {0.02 * scale:.3g}" in res.err

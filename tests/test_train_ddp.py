@@ -1,5 +1,8 @@
 """DDP: `torchrun --nproc-per-node 2` (gloo, CPU) with batch B per process equals one process
-with batch 2B, within float tolerance (the gradient all-reduce sums in another order)."""
+with batch 2B, within float tolerance (the gradient all-reduce sums in another order), for
+every optimizer: each rank applies the same update to the all-reduced gradient (Muon and
+the hybrid replicate their work rather than shard it; Sophia draws its Hessian labels for
+the global batch and slices its rows)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from train_helpers import ENV1, MICRO, losses, metrics, token_files, train
+from train_helpers import ENV1, MICRO, for_optimizer, losses, metrics, token_files, train
 
 from smedjan.formats.checkpoint import load_checkpoint
 
@@ -26,13 +29,22 @@ def torchrun(*args) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path_factory, tokenizer_path, tmp_path):
+OPTIMIZERS = {"adamw": [], "adamw-cpu": [], "adamw-8bit": [], "sophia": ["--hessian-interval", "3"], "muon": [],
+              "hybrid": ["--cautious"]}
+# optimizers with a threshold inside the update: 8-bit codes, Sophia's sign(m), the hybrid's cautious masks
+ROUNDING = ("adamw-8bit", "sophia", "hybrid")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path_factory, tokenizer_path, tmp_path, name):
     train_bin, val_bin = token_files(tmp_path_factory, tokenizer_path)
     io = ["--dataset", train_bin, "--tokenizer", tokenizer_path, "--val-dataset", val_bin]
     one, two = tmp_path / "one", tmp_path / "two"
-    res = train(*io, *FLAGS, "--batch-size", "4", "--checkpoint-dir", one, "--json")
+    opt = ["--optimizer", name, *OPTIMIZERS[name]]
+    flags = for_optimizer(FLAGS, name)
+    res = train(*io, *flags, *opt, "--batch-size", "4", "--checkpoint-dir", one, "--json")
     assert res.code == 0, res
-    proc = torchrun(*io, *FLAGS, "--batch-size", "2", "--checkpoint-dir", two, "--json")
+    proc = torchrun(*io, *flags, *opt, "--batch-size", "2", "--checkpoint-dir", two, "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["world_size"] == 2  # only rank 0 reports
@@ -47,6 +59,14 @@ def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path_factory, to
     wa = load_checkpoint(one / "final.bin").model_state()
     wb = load_checkpoint(two / "final.bin").model_state()
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+        if name in ROUNDING:
+            # a summation-order difference can move a value across a code boundary (8-bit) or
+            # flip the sign of a near-zero momentum or product (Sophia's lr sign(m), cautious
+            # masks): a few coordinates
+            # differ by up to two steps, the rest as for any optimizer
+            off = ((wb[k] - wa[k]).abs() > 1e-5 + 1e-4 * wa[k].abs()).double().mean()
+            assert off <= 1e-3 and (wb[k] - wa[k]).abs().max() <= 2 * 3e-3, (k, off)
+        else:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
     st = load_checkpoint(two / "state_8.bin")
     assert st.json("world_size") == 2 and st.json("source")["global_batch"] == 4

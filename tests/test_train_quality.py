@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from helpers import DATA, smedjan
-from train_helpers import metrics, train
+from train_helpers import for_optimizer, metrics, train
 
 MARGIN = 0.85
 
@@ -67,3 +67,33 @@ def test_tiny_beats_the_unigram_entropy_clearly(tmp_path, tokenizer_path, tokeni
     print(f"unigram bound {bound:.4f} bits/byte (H {h:.3f} bits/token, {bpt:.3f} bytes/token); "
           f"tiny val bpb {final['val_bpb']:.4f} = {final['val_bpb'] / bound:.3f} x bound")
     assert final["val_bpb"] < MARGIN * bound
+
+
+# The hybrid against AdamW at equal steps. bench/quality.py at the tiny pipeline's budget
+# (480 steps of 16 x 256, vocab 4096) measured the val losses in README's Benchmarks: the
+# hybrid's default recipe ends HYBRID_GAIN below AdamW's (the old tiny recipe). This test
+# runs a shorter proxy (250 steps of 16 x 128 on the test tokenizer, as the test above) and
+# requires a third of that gain: the gap grows with the steps (at 250 of 480 steps the bench
+# runs were already past half of it), a third leaves room for the other vocabulary and
+# context, and it is still a margin no run-to-run noise explains (identical seeds; float
+# differences move val loss by < 0.01).
+HYBRID_GAIN = 0.49  # nats, measured: adamw 4.89 -> hybrid 4.40 (README, Benchmarks)
+
+
+@pytest.mark.slow
+def test_hybrid_trains_the_tiny_model_lower_than_adamw(tmp_path, tokenizer_path):
+    train_bin, val_bin = tmp_path / "train.bin", tmp_path / "val.bin"
+    res = smedjan("prepare", "--input", DATA / "pretrain", "-t", tokenizer_path, "-o", train_bin, "--val-output",
+                  val_bin, "--val-fraction", "0.02", "--txt-split", "blank")
+    assert res.code == 0, res
+    common = ["--dataset", train_bin, "--val-dataset", val_bin, "--tokenizer", tokenizer_path, "--size", "tiny",
+              "--batch-size", "16", "--seq-len", "128", "--steps", "250", "--warmup", "25", "--lr", "3e-3",
+              "--min-lr", "3e-4", "--checkpoint-every", "0", "--val-tokens", "32768", "--json"]
+    val = {}
+    for name in ("adamw", "hybrid"):
+        floor = ["--final-lr-frac", "0.1"] if name == "hybrid" else []  # 3e-4 / 3e-3, per role
+        res = train(*for_optimizer(common, name), *floor, "--optimizer", name, "--checkpoint-dir", tmp_path / name)
+        assert res.code == 0, res
+        val[name] = json.loads(res.out)["val_loss"]
+    print(f"val loss at 250 steps: adamw {val['adamw']:.4f}, hybrid {val['hybrid']:.4f}")
+    assert val["hybrid"] < val["adamw"] - HYBRID_GAIN / 3

@@ -74,3 +74,19 @@ def last_step(folder: Path) -> int:
         except json.JSONDecodeError:
             pass
     return best
+
+
+def for_optimizer(flags: list, name: str) -> list:
+    """`flags` with --lr / --min-lr dropped for the hybrid (every role has its own rate there,
+    and a global one is refused rather than ignored)."""
+    if name not in ("hybrid", "muon-adamw"):
+        return list(flags)
+    out, skip = [], False
+    for f in flags:
+        if skip:
+            skip = False
+        elif f in ("--lr", "--min-lr"):
+            skip = True
+        else:
+            out.append(f)
+    return out

@@ -104,7 +104,7 @@ def run(a: DistillArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, obj
     from smedjan.formats.tokens import TokenFile, check_tokenizer_match
     from smedjan.model import Transformer, model_from_checkpoint
     from smedjan.post.run import base_summary, check_common, resolve_steps, train_model
-    from smedjan.training.driver import setup
+    from smedjan.training.driver import resolve_total_batch, setup
     from smedjan.training.pretrain import make_evaluator
 
     if not a.seq_len >= 1:
@@ -141,6 +141,7 @@ def run(a: DistillArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, obj
                     world_size=ctx.world_size, bos_aligned=a.bos_aligned)
     if val_tf is not None:
         n_sequential_batches(val_tf, a.batch_size, a.seq_len, ctx.world_size)  # refuses a too-short val file
+    lr_scale = resolve_total_batch(a, a.seq_len, ctx.world_size)
     per_step = a.batch_size * a.seq_len * a.grad_accum * ctx.world_size
     steps, how = resolve_steps(a, per_step, train_tf.n_tokens, "tokens")
     teacher = model_from_checkpoint(t_ck, device).eval().requires_grad_(False)
@@ -157,7 +158,7 @@ def run(a: DistillArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, obj
             f"{steps:,} steps from {how}")
     result, _ = train_model("distill", a, model, tok, cfg, loader, make_distill_loss(teacher, a.temperature, a.alpha),
                             steps, ctx, amp, ckpt_dir, resumed, evaluator=evaluator,
-                            flops_per_token=cfg.flops_per_token(a.seq_len), fault_steps=fault_steps)
+                            flops_per_token=cfg.flops_per_token(a.seq_len), fault_steps=fault_steps, lr_scale=lr_scale)
     summary = base_summary(result, a)
     if teacher_val is not None:
         summary.update({f"teacher_{k}": v for k, v in teacher_val.items()})

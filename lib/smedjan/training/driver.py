@@ -49,10 +49,78 @@ def check_run(o: RunOptions) -> None:
         (o.seed >= 0, f"`seed` {o.seed} must be >= 0"),
         (o.eval_every is None or o.eval_every >= 0, f"`eval_every` {o.eval_every} must be >= 0"),
         (o.precision in PRECISIONS, f"`precision` {o.precision!r} is not auto, fp32 or bf16"),
+        (o.warmup_ratio is None or 0 <= o.warmup_ratio <= 1, f"`warmup_ratio` {o.warmup_ratio} must be in [0, 1]"),
+        (o.final_lr_frac is None or 0 <= o.final_lr_frac <= 1, f"`final_lr_frac` {o.final_lr_frac} must be in [0, 1]"),
+        (o.final_lr_frac is None or o.min_lr is None, "`final_lr_frac` and `min_lr` exclude each other"),
+        (o.total_batch_size is None or o.total_batch_size >= 1 or o.total_batch_size == -1,
+         f"`total_batch_size` {o.total_batch_size} must be a number of tokens or -1"),
     ]
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+    from smedjan.optim.registry import canonical, check_settings
+
+    name = canonical(o.optimizer)
+    if name == "hybrid":  # every role has its own rate: a global one would be ignored
+        if o.lr != type(o).__dataclass_fields__["lr"].default:
+            raise UserError("`lr` does not apply to `optimizer` hybrid: each role has its own rate (`matrix_lr`, "
+                            "`embedding_lr`, `unembedding_lr`, `scalar_lr`)")
+        if o.min_lr is not None:
+            raise UserError("`min_lr` does not apply to `optimizer` hybrid (its roles have different rates): use "
+                            "`final_lr_frac`")
+    check_settings(name, optimizer_settings(o))
+
+
+def optimizer_settings(o: RunOptions, width: int = 768, lr_schedule=None, lr_scale: float = 1.0):
+    """The optimizer's settings from the shared flags (`width`: the model's, for the hybrid's rates)."""
+    from smedjan.optim import OptimizerSettings
+
+    return OptimizerSettings(
+        lr=o.lr, beta1=o.adam_beta1, beta2=o.adamw_beta2, weight_decay=o.weight_decay,
+        role_lr={k: getattr(o, k) for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")},
+        width=width, lr_scale=lr_scale, muon_momentum=o.muon_momentum, muon_momentum_start=o.momentum_start,
+        muon_momentum_end=o.momentum_end, muon_momentum_warmup=o.momentum_warmup, normuon=o.normuon,
+        cautious=o.cautious, cautious_wd=o.cautious_wd, sophia_rho=o.sophia_rho, hessian_interval=o.hessian_interval,
+        wd_schedule=o.wd_schedule, lr_schedule=lr_schedule, seed=o.seed)
+
+
+def resolve_warmup(o: RunOptions, steps: int) -> int:
+    """Warmup steps: `warmup_ratio` x steps when given (refused beside an explicit `warmup`),
+    else `warmup`, else 5% of the steps."""
+    if o.warmup_ratio is not None:
+        default = type(o).__dataclass_fields__["warmup"].default
+        if o.warmup is not None and o.warmup != default:
+            raise UserError("`warmup_ratio` and `warmup` exclude each other")
+        return round(o.warmup_ratio * steps)
+    return o.warmup if o.warmup is not None else round(0.05 * steps)
+
+
+B_REF = 2 ** 19  # nanochat's reference batch in tokens (its d12 optimum)
+
+
+def resolve_total_batch(o: RunOptions, seq_len: int, world_size: int,
+                        horizon: tuple[float, float] | None = None) -> float:
+    """With `total_batch_size`: set `grad_accum` (and the resolved size) in `o` and return the
+    rates' scale sqrt(B / 2^19); without it, 1. -1 needs `horizon` = (tokens of this run, tokens
+    of nanochat's d12 reference at the same ratio): B = 2^round(log2(2^19 (D / D_ref)^0.383))."""
+    B = o.total_batch_size
+    if B is None:
+        return 1.0
+    if B == -1:
+        if horizon is None:
+            raise UserError("`total_batch_size` -1 derives the batch from the horizon in tokens: give "
+                            "`target_param_data_ratio` or `target_flops` instead of `steps`")
+        D, D_ref = horizon
+        B = 2 ** round(math.log2(B_REF * (D / D_ref) ** 0.383))
+    per = o.batch_size * seq_len * world_size
+    if B % per:
+        raise UserError(f"`total_batch_size` {B} is not a multiple of `batch_size` x `seq_len` x processes "
+                        f"= {per} tokens")
+    if o.grad_accum not in (1, B // per):
+        raise UserError(f"`grad_accum` {o.grad_accum} and `total_batch_size` {B} disagree (it sets `grad_accum` "
+                        f"{B // per}); give one")
+    o.grad_accum, o.total_batch_size = B // per, B
+    return math.sqrt(B / B_REF)
 
 
 def check_folder(path: str | os.PathLike) -> Path:
@@ -96,21 +164,24 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
         ckpt_dir: Path, resumed, *, evaluator=None, sampler=None, run_config: dict | None = None,
         flops_per_token: float = 0.0, peak_flops: float = 0.0, monitor: str = "val_loss",
         final_path: Path | None = None, loggers: tuple = (), fault_steps: frozenset = frozenset(),
-        note: str = "") -> tuple[Any, dict]:
+        note: str = "", lr_scale: float | None = None) -> tuple[Any, dict]:
     """Optimizer, schedule and Trainer from the shared flags; resume; fit. Returns
-    (TrainResult, the run config recorded in every state)."""
-    from smedjan.optim import OptimizerSettings, build_optimizer, param_groups
+    (TrainResult, the run config recorded in every state). `lr_scale`: from
+    `resolve_total_batch`, by the tools whose batches are fixed-length token windows."""
+    from smedjan.optim import build_optimizer, param_groups
     from smedjan.training.loop import Trainer, TrainerConfig
     from smedjan.training.schedule import Schedule
 
     if o.patience and evaluator is None:
         raise UserError("`patience` needs a validation set (early stopping watches the validation loss)")
-    warmup = o.warmup if o.warmup is not None else round(0.05 * steps)
-    min_ratio = 0.1 if o.min_lr is None else o.min_lr / o.lr
+    if o.total_batch_size is not None and lr_scale is None:
+        raise UserError(f"`total_batch_size` counts tokens of fixed-length sequences; smedjan {tool} batches "
+                        "examples: set `batch_size` and `grad_accum`")
+    warmup = resolve_warmup(o, steps)
+    min_ratio = o.final_lr_frac if o.final_lr_frac is not None else 0.1 if o.min_lr is None else o.min_lr / o.lr
     schedule = Schedule(o.lr_schedule, total_steps=steps, warmup=warmup, min_ratio=min_ratio, warmdown=o.warmdown)
-    optimizer = build_optimizer(o.optimizer, param_groups(model, o.weight_decay),
-                                OptimizerSettings(lr=o.lr, beta2=o.adamw_beta2, weight_decay=o.weight_decay),
-                                device=ctx.device)
+    settings = optimizer_settings(o, cfg.dim, schedule, lr_scale or 1.0)
+    optimizer = build_optimizer(o.optimizer, param_groups(model, o.weight_decay), settings, device=ctx.device)
     run_config = {**dataclasses.asdict(o), **(run_config or {}), "steps": steps, "warmup": warmup}
     tcfg = TrainerConfig(
         tool=tool, steps=steps, checkpoint_dir=ckpt_dir, checkpoint_every=o.checkpoint_every, keep=o.keep,
@@ -135,6 +206,9 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
             f"{'bf16 autocast' if amp else 'fp32'}{', compiled' if o.compile else ''}; threads "
             f"{torch.get_num_threads()}" + (f"; resuming at step {trainer.step}" if resumed is not None else "")
             + note)
+        rates = ", ".join(f"{g['role']} {g.get('kind', '')} {g['peak_lr']:.3g}".replace("  ", " ")
+                          for g in optimizer.param_groups)
+        log(f"optimizer: {o.optimizer} ({rates})" + (f"; {optimizer.note}" if hasattr(optimizer, "note") else ""))
     try:
         result = trainer.fit()
     finally:

@@ -222,6 +222,8 @@ class Trainer:
         lr_mult = self.schedule(step)
         for g in self.optimizer.param_groups:
             g["lr"] = g["peak_lr"] * lr_mult
+        if hasattr(self.optimizer, "before_step"):  # the step's momentum, weight decay (smedjan.optim.common)
+            self.optimizer.before_step(step)
         vdtype = torch.float32 if self.device.type == "mps" else torch.float64
         loss_sum = torch.zeros((), device=self.device, dtype=vdtype)
         tokens = 0.0
@@ -264,6 +266,12 @@ class Trainer:
             self.bad_total += 1
             self.bad_in_a_row += 1
         self.optimizer.zero_grad(set_to_none=True)
+        reported = {}
+        if finite and hasattr(self.optimizer, "after_step"):
+            # An optimizer that needs more than the gradient (Sophia's Hessian estimate) gets the
+            # model and the last micro-batch; what it reports is logged with the step.
+            with self._autocast():
+                reported = self.optimizer.after_step(self.train_model, batch, step) or {}
         self.step += 1
         self.tokens += int(tokens_v)
         if stop_v > 0 and not self._stop_signal:
@@ -273,6 +281,7 @@ class Trainer:
         if not finite:
             rec["bad_step"] = True
         rec.update({k: v / W for k, v in zip(keys, extra_v)})
+        rec.update(reported)
         return rec
 
     # -------------------------------------------------------------- side jobs

@@ -16,6 +16,11 @@ from dataclasses import dataclass
 
 from smedjan.errors import UserError
 from smedjan.model.config import PRESETS, ModelConfig
+from smedjan.optim import hybrid as HYBRID
+from smedjan.optim.muon import MATRIX_LR as MUON_LR
+from smedjan.optim.muon import MOMENTUM as MUON_MOMENTUM
+from smedjan.optim.sophia import INTERVAL as SOPHIA_INTERVAL
+from smedjan.optim.sophia import RHO as SOPHIA_RHO
 from smedjan.options import option
 
 
@@ -24,13 +29,52 @@ class RunOptions:
     batch_size: int = option(32, "Sequences per step per process.")
     grad_accum: int = option(1, "Micro-batches per step; effective batch = batch-size x grad-accum x processes.")
     steps: int | None = option(None, "Optimizer steps.")
-    lr: float = option(3e-4, "Peak learning rate.")
-    min_lr: float | None = option(None, "Floor of the decay (cosine, wsd, trapezoid, invsqrt). Default: --lr / 10.")
+    lr: float = option(3e-4, "Peak learning rate (muon: of the roles AdamW trains; not hybrid, whose roles have "
+                             "their own: --matrix-lr ...).")
+    min_lr: float | None = option(None, "Floor of the decay (cosine, wsd, trapezoid, invsqrt). Default: --lr / 10 "
+                                        "(hybrid: --final-lr-frac).")
     warmup: int | None = option(None, "Steps of linear LR warmup. Default: 5% of the steps.")
     warmdown: float = option(0.2, "wsd / trapezoid: fraction of the steps spent cooling down.")
     lr_schedule: str = option("cosine", "cosine, wsd, wso, invsqrt or trapezoid.")
-    optimizer: str = option("adamw", "Optimizer (adamw).")
-    adamw_beta2: float = option(0.95, "AdamW second-moment decay (beta1 0.9, eps 1e-5).")
+    optimizer: str = option("adamw", "adamw; adamw-cpu (state and update in CPU memory on a GPU run; on a CPU "
+                                     "device it is adamw); adamw-8bit (moments in 8 bits); sophia (SophiaG); muon "
+                                     "(Muon on the hidden matrices, adamw on the rest); hybrid or muon-adamw "
+                                     "(nanochat's MuonAdamW: per-role rates, see --matrix-lr).")
+    adam_beta1: float | None = option(None, "AdamW first-moment decay (default 0.9; hybrid 0.8).")
+    adamw_beta2: float | None = option(None, "AdamW second-moment decay (default 0.95, eps 1e-5; hybrid: 0.995 "
+                                             "embedding, 0.96 head, 0.95 norms, eps 1e-10).")
+    matrix_lr: float | None = option(None, "Rate of the hidden matrices (default --lr; muon and hybrid: Muon's "
+                                           f"{MUON_LR}).")
+    embedding_lr: float | None = option(None, "Rate of the token embedding (default --lr; hybrid: "
+                                              f"{HYBRID.EMBEDDING_LR} untied, {HYBRID.TIED_LR} tied, at width 768: "
+                                              "hybrid scales it by sqrt(768 / dim)).")
+    unembedding_lr: float | None = option(None, "Rate of an untied output head (default --lr; hybrid: "
+                                                f"{HYBRID.UNEMBEDDING_LR} at width 768, scaled by sqrt(768 / dim)).")
+    scalar_lr: float | None = option(None, f"Rate of norm gains and scalars (default --lr; hybrid {HYBRID.SCALAR_LR}).")
+    muon_momentum: float | None = option(None, f"Muon momentum (default {MUON_MOMENTUM}; hybrid: its peak, "
+                                               f"{HYBRID.MOMENTUM}).")
+    momentum_start: float | None = option(None, "Muon momentum at step 0, ramping to --muon-momentum over "
+                                                     "--momentum-warmup steps (default: no ramp; hybrid "
+                                                     f"{HYBRID.MOMENTUM_START}).")
+    momentum_warmup: int | None = option(None, f"Steps of the Muon momentum ramp (hybrid {HYBRID.MOMENTUM_WARMUP}).")
+    momentum_end: float | None = option(None, "Muon momentum at the last step, reached linearly over the LR "
+                                                   f"decay (default: no change; hybrid {HYBRID.MOMENTUM_END}).")
+    normuon: bool | None = option(None, "NorMuon: per-neuron second-moment normalisation of the Muon update, "
+                                        "keeping its norm (default off; hybrid on).", flag="--normuon/--no-normuon")
+    cautious: bool = option(False, "Muon: zero the update components whose sign disagrees with the gradient.")
+    cautious_wd: bool | None = option(None, "Muon: weight decay only where the update and the weight agree in sign "
+                                            "(default off; hybrid on).", flag="--cautious-wd/--no-cautious-wd")
+    wd_schedule: str = option("constant", "Weight decay over the run: constant, cosine (to 0, as nanochat) or "
+                                          "linear (to 0).")
+    sophia_rho: float | None = option(None, f"SophiaG's clipping scale rho (default {SOPHIA_RHO}).")
+    hessian_interval: int | None = option(None, "SophiaG: refresh the Hessian estimate every N steps (default "
+                                                f"{SOPHIA_INTERVAL}).")
+    warmup_ratio: float | None = option(None, "LR warmup as a fraction of the steps (instead of --warmup).")
+    final_lr_frac: float | None = option(None, "Floor of the LR decay as a fraction of each group's peak rate "
+                                               "(instead of --min-lr).")
+    total_batch_size: int | None = option(None, "Tokens per step (train, distill): sets --grad-accum and scales "
+                                                "every rate by sqrt(tokens / 2^19) (nanochat); -1: nanochat's rule "
+                                                "2^19 x (D / D_d12)^0.383 from the horizon D in tokens.")
     weight_decay: float = option(0.1, "Decoupled weight decay of the hidden matrices (not embeddings, head, norms).")
     grad_clip: float = option(1.0, "Clip the gradient norm to this (0: off).")
     max_bad_steps: int = option(8, "Non-finite (skipped) steps in a row that stop the run.")

@@ -25,7 +25,8 @@ from smedjan.console import log
 from smedjan.errors import UserError
 from smedjan.model import ModelConfig, Transformer
 from smedjan.options import option, retitled
-from smedjan.training.driver import check_folder, check_run, fault_steps_from_env, fit, setup, summary_of
+from smedjan.training.driver import (check_folder, check_run, fault_steps_from_env, fit, resolve_total_batch, setup,
+                                     summary_of)
 from smedjan.training.options import ARCH_FLAGS, ModelOptions, RunOptions, described_by, model_config
 
 __all__ = ["TrainArgs", "run", "lm_loss", "make_evaluator", "make_sampler", "fault_steps_from_env"]
@@ -139,6 +140,19 @@ def resolve_horizon(a: TrainArgs, cfg: ModelConfig, tokens_per_step: int) -> tup
         return max(1, math.ceil(tokens / tokens_per_step)), (
             f"`target_param_data_ratio` {a.target_param_data_ratio:g} ({tokens:.3g} tokens)")
     return DEFAULT_STEPS, "default"
+
+
+def horizon_tokens(a: TrainArgs, cfg: ModelConfig) -> tuple[float, float] | None:
+    """(tokens of a horizon given in tokens, those of nanochat's d12 reference at the same
+    tokens:parameter ratio; 12 with `target_flops`, nanochat's default) for `total_batch_size` -1."""
+    if a.steps is not None:
+        return None
+    ref = ModelConfig.from_depth(cfg.vocab_size, 12).n_params()
+    if a.target_flops is not None:
+        return a.target_flops / cfg.flops_per_token(a.seq_len), 12 * ref
+    if a.target_param_data_ratio is not None:
+        return a.target_param_data_ratio * cfg.n_params(), a.target_param_data_ratio * ref
+    return None
 
 
 # ------------------------------------------------------------------------ eval, sample
@@ -264,6 +278,7 @@ def run(a: TrainArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, "obje
                     world_size=ctx.world_size, bos_aligned=a.bos_aligned, stream=a.stream)
     if val_tf is not None:
         n_sequential_batches(val_tf, a.batch_size, a.seq_len, ctx.world_size)  # refuses a too-short val.bin
+    lr_scale = resolve_total_batch(a, a.seq_len, ctx.world_size, horizon_tokens(a, cfg))
     tokens_per_step = a.batch_size * a.seq_len * a.grad_accum * ctx.world_size
     steps, how = resolve_horizon(a, cfg, tokens_per_step)
 
@@ -282,7 +297,7 @@ def run(a: TrainArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, "obje
     result, _ = fit("train", a, model, tok, cfg, loader, lm_loss, steps, ctx, amp, ckpt_dir, resumed,
                     evaluator=evaluator, sampler=make_sampler(tok) if a.sample_every else None,
                     flops_per_token=cfg.flops_per_token(a.seq_len), peak_flops=a.peak_flops, loggers=loggers,
-                    fault_steps=fault_steps)
+                    fault_steps=fault_steps, lr_scale=lr_scale)
     summary = {**summary_of(result), "params": cfg.n_params(), "final": str(result.final) if result.final else None,
                "world_size": ctx.world_size, "rank": ctx.rank}
     return summary, result

@@ -39,7 +39,8 @@ from smedjan.model.load import check_state_shapes
 STATE_RE = re.compile(r"^state_(\d+)\.bin$")
 # Param-group keys that describe *how* the optimizer runs here (or what the current
 # flags ask for), not state to restore: kept from the freshly built optimizer on load.
-_GROUP_KEYS_KEPT = ("fused", "foreach", "capturable", "differentiable", "peak_lr", "weight_decay", "names")
+_GROUP_KEYS_KEPT = ("fused", "foreach", "capturable", "differentiable", "peak_lr", "weight_decay", "names",
+                    "peak_wd")
 
 
 def state_path(folder: str | os.PathLike, step: int) -> Path:
