@@ -89,6 +89,12 @@ class AdamW8bit(Scheduled, torch.optim.Optimizer):
     def __init__(self, groups: list[dict], *, betas=(BETA1, BETA2), eps: float = EPS):
         super().__init__(groups, dict(betas=betas, eps=eps))
 
+    def state_shape(self, key: str, param: torch.Tensor) -> tuple[int, ...]:
+        if param.numel() < MIN_QUANTIZED:
+            return tuple(param.shape)
+        # quantised moments: one code per element (flat), one absmax per block
+        return (-(-param.numel() // BLOCK),) if key.endswith("_absmax") else (param.numel(),)
+
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None, "AdamW8bit takes no closure"

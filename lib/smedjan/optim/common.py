@@ -71,6 +71,11 @@ class Scheduled:
 
     step_schedules: StepSchedules | None = None
 
+    def state_shape(self, key: str, param: torch.Tensor) -> tuple[int, ...]:
+        """The shape state tensor `key` of `param` has (resume checks a saved state against
+        it before loading): the parameter's own, unless the optimizer stores it otherwise."""
+        return tuple(param.shape)
+
     def before_step(self, step: int) -> None:
         sched = self.step_schedules
         if sched is None:

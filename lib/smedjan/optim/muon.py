@@ -111,6 +111,11 @@ class MuonAdamW(Scheduled, torch.optim.Optimizer):
             else:
                 self._muon(g, params, grads, states)
 
+    def state_shape(self, key: str, param: torch.Tensor) -> tuple[int, ...]:
+        if key == "second_momentum_buffer":  # NorMuon's per-neuron second moment
+            return second_moment_shape(*as_matrix(param).shape)
+        return tuple(param.shape)
+
     def _muon(self, g: dict, params: list, grads: list, states: list) -> None:
         mom, lr, wd = g["momentum"], g["lr"], g["weight_decay"]
         for p, st in zip(params, states):

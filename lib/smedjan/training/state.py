@@ -120,18 +120,22 @@ def optimizer_to_checkpoint(optimizer: torch.optim.Optimizer) -> tuple[dict[str,
 _STATE_KEYS = {"AdamW": {"step", "exp_avg", "exp_avg_sq"}, "Adam": {"step", "exp_avg", "exp_avg_sq"}}
 
 
-def _check_param_state(path, name: str, st: dict, param: torch.Tensor, group: dict, cls: str) -> None:
+def _check_param_state(path, name: str, st: dict, param: torch.Tensor, group: dict,
+                       optimizer: torch.optim.Optimizer) -> None:
     """A parameter's saved optimizer state must have the keys its optimizer uses and, for
-    every tensor beyond a scalar, the parameter's shape: else the first step would fail."""
+    every tensor beyond a scalar, the shape the optimizer keeps it in (the parameter's,
+    unless it says otherwise: `state_shape`): else the first step would fail."""
+    cls = type(optimizer).__name__
+    shape_of = getattr(optimizer, "state_shape", lambda key, p: tuple(p.shape))
     want = _STATE_KEYS.get(cls)
     if want is not None:
         want = want | ({"max_exp_avg_sq"} if group.get("amsgrad") else set())
         if set(st) != want:
             raise UserError(f"{path}: optimizer state of {name!r} has {sorted(st)}, expected {sorted(want)} (corrupt)")
     for key, v in st.items():
-        if isinstance(v, torch.Tensor) and v.dim() and tuple(v.shape) != tuple(param.shape):
-            raise UserError(f"{path}: optimizer state {name}.{key} has shape {tuple(v.shape)}, the parameter "
-                            f"{tuple(param.shape)} (corrupt)")
+        if isinstance(v, torch.Tensor) and v.dim() and tuple(v.shape) != tuple(shape_of(key, param)):
+            raise UserError(f"{path}: optimizer state {name}.{key} has shape {tuple(v.shape)}, expected "
+                            f"{tuple(shape_of(key, param))} for the parameter of shape {tuple(param.shape)} (corrupt)")
         if key == "step" and not (isinstance(v, (int, float)) or isinstance(v, torch.Tensor) and v.dim() == 0):
             raise UserError(f"{path}: optimizer state {name}.step is not a number (corrupt)")
 
@@ -167,7 +171,7 @@ def optimizer_from_checkpoint(optimizer: torch.optim.Optimizer, ck: Checkpoint) 
     group_of = [g for g in saved for _ in g["names"]]
     for idx, name in enumerate(flat):
         if name in per_name:
-            _check_param_state(ck.path, name, per_name[name], params[idx], group_of[idx], cls)
+            _check_param_state(ck.path, name, per_name[name], params[idx], group_of[idx], optimizer)
     state = {idx: per_name[name] for idx, name in enumerate(flat) if name in per_name}
     groups = [_restored_group(cur, sv, ck.path) for cur, sv in zip(current, saved)]
     try:
