@@ -294,3 +294,15 @@ def test_linear_attention_layer_is_the_normalised_feature_map_attention():
             wts = torch.stack([phi(q[t, h]) @ phi(k[s, h]) for s in range(t + 1)])
             y[t, h] = (wts[:, None] * v[:t + 1, h]).sum(0) / (wts.sum() + 1e-6)
     torch.testing.assert_close(m(x, ctx, 0)[0], y.reshape(10, H * d) @ m.wo.weight.T, rtol=0, atol=1e-10)
+
+
+def test_the_recurrences_ignore_autocast():
+    """bf16 autocast (training on CUDA) must not round the decay factors and states."""
+    x = wkv_inputs(T=40, dtype=torch.float32)
+    q, k, v, log_a, S0 = la_inputs(dtype=torch.float32, shared_qk=True)
+    want = wkv7_chunked(*x, 16)[0], chunked_linear_attention(q, k, v, log_a, S0, 16)[0]
+    with torch.autocast("cpu", torch.bfloat16):
+        got = wkv7_chunked(*x, 16)[0], chunked_linear_attention(q, k, v, log_a, S0, 16)[0]
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

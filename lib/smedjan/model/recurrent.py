@@ -23,6 +23,8 @@ engine reuses a row only whole. A prefill from position 0 starts the rows over
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +34,17 @@ from smedjan.model.parts import Context, TensorState
 def wide(dtype: torch.dtype) -> torch.dtype:
     """At least float32: recurrences and their decays are never run in bf16/fp16."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def full_precision(fn):
+    """Run `fn` with autocast off: its matmuls stay in their inputs' (float32) precision,
+    where autocast would round the decay factors and states to bf16."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+    return run
 
 
 def fresh(ctx: Context) -> bool:
@@ -82,6 +95,7 @@ def causal_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, prev: torch.T
     return y.transpose(1, 2), xx[:, xx.shape[1] - (K - 1):]
 
 
+@full_precision
 def stepwise_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_a: torch.Tensor | None,
                               S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence one token at a time. q, k: [B, H or 1, T, d_k]; v: [B, H, T, d_v];
@@ -96,6 +110,7 @@ def stepwise_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.stack(outs, 2), S
 
 
+@full_precision
 def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_a: torch.Tensor | None,
                              S0: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`stepwise_linear_attention` in chunks of `chunk` tokens (see the module docstring);

@@ -43,7 +43,7 @@ from torch import nn
 
 from smedjan.model.parts import (MATRIX, NORM, SCALAR, Context, External, FeedForward, Init, Mixer, TensorState,
                                  Unsupported, gguf_name)
-from smedjan.model.recurrent import carried, keep, recurrent_state, state_of, token_shift, wide
+from smedjan.model.recurrent import carried, full_precision, keep, recurrent_state, state_of, token_shift, wide
 
 if TYPE_CHECKING:
     from smedjan.model.config import ModelConfig
@@ -84,6 +84,7 @@ class RWKVConfig:
 
 
 # ------------------------------------------------------------------------ the recurrence
+@full_precision
 def wkv7_steps(r, log_w, k, v, a, b, S):
     """S_t = S_{t-1} diag(w_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T, o_t = S_t r_t, token by token.
     r, log_w, k, v, a, b: [B, H, T, N]; S: [B, H, N (value), N (key)]. Returns (o, final S)."""
@@ -96,6 +97,7 @@ def wkv7_steps(r, log_w, k, v, a, b, S):
     return torch.stack(outs, 2), S
 
 
+@full_precision
 def wkv7_chunked(r, log_w, k, v, a, b, S0, chunk: int):
     """`wkv7_steps` in chunks of `chunk` tokens (any length). Within a chunk, with g the
     inclusive cumulative log decay and h_t = S_{t-1} a_t:
