@@ -8,10 +8,11 @@ peak RSS over the steps, each (mixer, length) in its own fresh subprocess so pea
 mix. Decoding: the model's own forward with its decode state (`ModelRunner`), batch 1,
 tokens/s over `--decode-steps` greedy steps after a context of 256 and of 4096 tokens
 (prefill untimed). Rounds alternate between the mixers, so drifting machine load hits
-all alike.
+all alike. One thread by default: on shared cores a second thread makes every small op of
+the chunk loops wait on a busy sibling, which measures the neighbours, not the mixer.
 
-    python bench/mixers.py                           # dim 256, 4 heads, 2 threads
-    python bench/mixers.py --lengths 512 2048 --threads 1 --mixers attention ssm
+    python bench/mixers.py                           # dim 256, 4 heads, 1 thread
+    python bench/mixers.py --lengths 512 2048 --threads 2 --mixers attention ssm
 
 Prints two markdown tables.
 """
@@ -97,7 +98,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--one", nargs=2, metavar=("MIXER", "LENGTH"), help=argparse.SUPPRESS)

@@ -143,9 +143,9 @@ def chunked_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         kv = (k * to_end).transpose(-1, -2) @ v
         chunk_decay = torch.exp(g[..., -1])  # [B, H, n]
         S, starts = S0, []
-        for c in range(n):
+        for decay, add in zip(chunk_decay.unbind(2), kv.unbind(2)):  # unbind: one backward, not n selects
             starts.append(S)
-            S = chunk_decay[:, :, c, None, None] * S + kv[:, :, c]
+            S = decay[..., None, None] * S + add
         S_end = S
         o = o + (q * torch.exp(g)[..., None]) @ torch.stack(starts, 2)
     return o.reshape(B, H, n * L, dv)[:, :, :T], S_end

@@ -132,9 +132,9 @@ def wkv7_chunked(r, log_w, k, v, a, b, S0, chunk: int):
     M = torch.diag_embed(torch.exp(last[:, :, :, 0])) + W.transpose(-1, -2) @ b_e  # S_end = S0 M + Nc
     Nc = U.transpose(-1, -2) @ b_e + v.transpose(-1, -2) @ k_e
     S, starts = S0, []
-    for c in range(n):
+    for Mc, Nc_c in zip(M.unbind(2), Nc.unbind(2)):  # unbind: one backward for all chunks, not n selects
         starts.append(S)
-        S = S @ M[:, :, c] + Nc[:, :, c]
+        S = S @ Mc + Nc_c
     Sst = torch.stack(starts, 2)
     o = (r_q + P_rb @ W) @ Sst.transpose(-1, -2) + P_rb @ U + P_rk @ v
     return o.reshape(B, H, n * L, N)[:, :, :T], S
