@@ -62,7 +62,7 @@ def carried(st: TensorState | None, name: str, ctx: Context, shape: tuple[int, .
     A copy: the stored tensor is overwritten later in the same forward."""
     if st is None or fresh(ctx):
         return torch.zeros(like.shape[0], *shape, device=like.device, dtype=like.dtype)
-    return st.tensors[name][ctx.rows].to(like.dtype)
+    return st.tensors[name][ctx.rows].to(like.dtype, copy=True)
 
 
 def keep(st: TensorState | None, name: str, ctx: Context, value: torch.Tensor) -> None:
