@@ -306,3 +306,24 @@ def test_the_recurrences_ignore_autocast():
     for g, w in zip(got, want):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(mixer="ssm"), dict(mixer="linear_attn"), dict(mixer="rwkv", mlp="rwkv")])
+def test_flops_per_token_do_not_grow_with_the_sequence(kw):
+    """O(N): past one chunk, a token costs the same at any length (attention's cost grows)."""
+    cfg = cfg_of(dim=128, n_heads=2, max_seq_len=8192, **kw)
+    assert cfg.flops_per_token(512) == cfg.flops_per_token(8192) > 0
+    attention = cfg_of(dim=128, n_heads=2, max_seq_len=8192)
+    assert attention.flops_per_token(8192) > 2 * attention.flops_per_token(512)
+
+
+def test_roles_of_the_recurrent_parts():
+    model = Transformer(cfg_of(layer_pattern="rwkv,ssm,rwkv", n_layers=3, rwkv_head_dim=8))
+    roles = model.param_roles()
+    assert roles["layers.1.mixer.in_proj.weight"] == roles["layers.0.mixer.key.weight"] == "matrix"
+    assert roles["layers.1.mixer.conv_weight"] == roles["layers.1.mixer.A_log"] == "scalar"
+    assert roles["layers.0.mixer.w1.weight"] == roles["layers.0.mixer.lerp"] == "scalar"  # LoRAs: no decay, no Muon
+    assert roles["layers.1.mixer.norm"] == roles["layers.0.mixer.ln_w"] == "norm"
+    assert "layers.2.mixer.v0" in roles and "layers.0.mixer.v0" not in roles  # the first rwkv layer sets v_first
+    none = Transformer(cfg_of(mixer="ssm", mlp="none")).param_roles()
+    assert not any(".ffn" in n for n in none)  # --mlp none: no feed-forward and no norm for it
