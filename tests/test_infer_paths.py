@@ -85,3 +85,35 @@ def test_recurrent_style_states_are_reused_only_whole():
     assert calls[-1] == len(held)  # extends exactly what the row holds: only the new token is prefilled
     eng.generate([[1, 2, 3, 9]], GREEDY)  # shares only a prefix: a fresh prefill
     assert calls[-1] == 0
+
+
+RECURRENT = [{"mixer": "ssm", "ssm_head_dim": 32, "ssm_chunk": 4}, {"mixer": "linear_attn", "linear_attn_chunk": 4},
+             {"mixer": "rwkv", "mlp": "rwkv", "rwkv_head_dim": 16, "rwkv_chunk": 4},
+             {"layer_pattern": "ssm,rwkv,attention", "ssm_head_dim": 32, "rwkv_head_dim": 16}]
+
+
+@pytest.mark.parametrize("kw", RECURRENT)
+def test_recurrent_mixers_decode_batched_and_reuse_whole_states(kw):
+    """Several prompts of different lengths decode together (ragged steps, rows moving as
+    sequences finish) to what recomputing each whole sequence gives; a follow-up prompt
+    that extends what a row holds continues its state (only the new tokens are prefilled)."""
+    m = model_of(**kw)
+    eng = Engine(m, None, max_batch=3)
+    assert isinstance(eng.runner, ModelRunner) and not eng.runner.truncatable
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    params = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True) for n in (12, 5, 9)]
+    got = [c.token_ids for c in eng.generate(prompts, params)]
+    for prompt, tokens in zip(prompts, got):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(len(tokens)):
+                ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
+        assert tokens == ids[len(prompt):]
+    one = Engine(m, None, max_batch=1)
+    starts, real = [], one.runner.prefill
+    one.runner.prefill = lambda cache, row, ps, start=0: starts.append(start) or real(cache, row, ps, start)
+    first = one.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_new_tokens=4))[0]
+    held = [1, 2, 3, 4, 5] + first.token_ids[:-1]
+    again = one.generate([held + [7, 8]], GREEDY)[0].token_ids
+    assert starts == [0, len(held)]  # the state was carried on, not rebuilt
+    assert again == Engine(m, None, max_batch=1).generate([held + [7, 8]], GREEDY)[0].token_ids

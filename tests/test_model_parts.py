@@ -127,6 +127,14 @@ MIXERS = [
     {"block_sparse_top_k": 1, "block_size": 4},
     {"layer_pattern": "attention,mla,block_sparse", "n_layers": 3, "mla_latent_dim": 16, "block_sparse_top_k": 2,
      "block_size": 3, "mixer": "attention"},
+    # the recurrent mixers: chunks shorter than the prefill, so prefill, chunk and steps all differ
+    {"mixer": "ssm", "ssm_head_dim": 16, "ssm_state": 8, "ssm_chunk": 4},
+    {"mixer": "ssm", "ssm_head_dim": 32, "mlp": "none", "ssm_chunk": 3},
+    {"mixer": "linear_attn", "n_kv_heads": 2, "linear_attn_chunk": 4},
+    {"mixer": "rwkv", "rwkv_head_dim": 8, "rwkv_chunk": 4, "mlp": "rwkv"},
+    {"mixer": "rwkv", "rwkv_head_dim": 16, "rwkv_chunk": 3},
+    {"layer_pattern": "ssm,attention,linear_attn,rwkv", "n_layers": 4, "ssm_head_dim": 16, "rwkv_head_dim": 8,
+     "ssm_chunk": 4, "rwkv_chunk": 4},
 ]
 
 
@@ -162,10 +170,21 @@ def test_ragged_rows_decode_each_at_its_own_position(kw):
                                    atol=1e-10)
 
 
-def test_a_moved_row_keeps_its_sequence():
+@pytest.mark.parametrize("kw", [{"mixer": "ssm"}, {"mixer": "linear_attn"}, {"mixer": "rwkv", "mlp": "rwkv",
+                                                                                 "rwkv_head_dim": 16}])
+def test_recurrent_state_is_constant_in_the_context(kw):
+    """Decoding memory per sequence does not grow with the context (no KV cache)."""
+    model = Transformer(cfg_of(**kw, max_seq_len=4096))
+    sizes = {n: sum(t.numel() for st in model.new_state(1, n).layers for t in st.tensors.values())
+             for n in (16, 4096)}
+    assert sizes[16] == sizes[4096] > 0 and not model.new_state(1, 16).truncatable
+
+
+@pytest.mark.parametrize("kw", [{"mla_latent_dim": 16}, {"mixer": "rwkv", "mlp": "rwkv", "rwkv_head_dim": 8}])
+def test_a_moved_row_keeps_its_sequence(kw):
     from smedjan.infer.runner import ModelRunner
 
-    model = random_model(cfg_of(mla_latent_dim=16))
+    model = random_model(cfg_of(**kw))
     idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(4))
     runner = ModelRunner(model)
     cache = runner.new_cache(2, 16)

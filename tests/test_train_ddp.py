@@ -70,3 +70,22 @@ def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path_factory, to
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
     st = load_checkpoint(two / "state_8.bin")
     assert st.json("world_size") == 2 and st.json("source")["global_batch"] == 4
+
+
+@pytest.mark.slow
+def test_recurrent_mixers_under_ddp_equal_one_process(tmp_path_factory, tokenizer_path, tmp_path):
+    """Every O(N) mixer's parameters take part in the loss (DDP would stop on an unused one),
+    and two processes give one process's losses."""
+    train_bin, val_bin = token_files(tmp_path_factory, tokenizer_path)
+    flags = [a if a != "2" or FLAGS[i - 1] != "--layers" else "4" for i, a in enumerate(FLAGS)]
+    flags += ["--layer-pattern", "ssm,linear_attn,rwkv,attention", "--ssm-head-dim", "16", "--rwkv-head-dim", "16",
+              "--dataset", train_bin, "--val-dataset", val_bin, "--tokenizer", tokenizer_path, "--checkpoint-every",
+              "0", "--steps", "4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = train(*flags, "--batch-size", "4", "--checkpoint-dir", one)
+    assert res.code == 0, res
+    proc = torchrun(*flags, "--batch-size", "2", "--checkpoint-dir", two)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-5)

@@ -1,17 +1,23 @@
 """GGUF export: a smedjan checkpoint (or an HF Llama folder) -> one file llama.cpp runs alone.
 
-The file is GGUF v3, architecture `llama`, written with the `gguf` package:
-- hyperparameters under `llama.*` with the types llama.cpp's loader demands (u32 sizes,
-  f32 rope base and norm epsilon), RoPE scaling mapped to what llama.cpp computes
-  (linear/yarn keys, the stretched base for static NTK, a `rope_freqs` tensor for llama3);
+The file is GGUF v3, written with the `gguf` package, in the llama.cpp architecture of
+the model's mixer (the table `ARCHS`: attention -> `llama`, `--ssm --mlp none` ->
+`mamba2`, `--rwkv --mlp swiglu` -> `arwkv7`; hybrids and other parts are refused with one
+line naming what llama.cpp lacks):
+- hyperparameters under `<arch>.*` with the types llama.cpp's loader demands (u32 sizes,
+  f32 rope base and norm epsilon); for `llama`, RoPE scaling mapped to what llama.cpp
+  computes (linear/yarn keys, the stretched base for static NTK, a `rope_freqs` tensor for
+  llama3);
 - the tokenizer (`tokenizer.ggml.model = gpt2`, `pre` naming our split regex, tokens in
   GPT-2 byte-to-unicode form, specials literal and CONTROL, merges, bos and pad ids, and
   every smedjan end token in one of llama.cpp's end-of-generation keys, so llama.cpp stops
   where smedjan stops: `smedjan.tokenizer.specials`) and the chat template (Jinja);
-- tensors under the names the model's parts give (`smedjan.export.names`; a part llama.cpp's
-  `llama` architecture lacks is refused with one line naming it), wq/wk rows permuted from
-  the half-split RoPE layout to llama.cpp's interleaved one; 1-D norm gains always f32;
-  matrices f32, q8_0 or q4_0 (`smedjan.export.quant`, bit-exact with ggml). With q4_0 the output head (the embedding, when tied) stays q8_0
+- tensors under the names the model's parts give (`smedjan.export.names`), converted where
+  llama.cpp stores them otherwise (wq/wk rows permuted from the half-split RoPE layout to
+  llama.cpp's interleaved one, Mamba-2's A as -exp(A_log), RWKV-7's six token-shift mixes
+  as one tensor); 1-D gains and the small vectors, LoRAs and convolutions llama.cpp's own
+  quantizer leaves alone always f32; matrices f32, q8_0 or q4_0 (`smedjan.export.quant`,
+  bit-exact with ggml). With q4_0 the output head (the embedding, when tied) stays q8_0
   unless `pure`, as llama.cpp's own quantizer keeps the head at higher precision. A matrix
   whose rows are not a multiple of 32 values falls back to f16 (f32 beyond f16's range).
 
@@ -34,6 +40,7 @@ from smedjan.errors import UserError
 from smedjan.export import quant as Q
 from smedjan.export.load import load_source
 from smedjan.export.names import External, Unsupported, external_names
+from smedjan.model.parts import gguf_name
 from smedjan.export.source import ModelSource
 from smedjan.formats import constants as C
 from smedjan.io import atomic_path, check_output_path
@@ -41,6 +48,9 @@ from smedjan.model.config import ModelConfig
 from smedjan.tokenizer.specials import eog_slots, special_ids
 
 QUANTS = ("f32", "q8_0", "q4_0")
+# ggml's CPU rwkv_wkv7 runs whole SIMD steps over a head (GGML_F32_STEP: 64 floats with
+# AVX-512, 32 with AVX2) and mishandles the remainder: head sizes must be multiples of 64.
+WKV7_BLOCK = 64
 F16_MAX = 65504.0
 
 
@@ -60,17 +70,108 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, hd // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
+@dataclass(frozen=True)
+class Arch:
+    """A llama.cpp architecture smedjan writes: the mixer of every layer, the feed-forward
+    its blocks have, its hyperparameter keys (`keys(writer, cfg)` returns an extra f32
+    tensor to write first, or None), and whether its loader insists on an `output` tensor
+    when the head is tied to the embedding (then the embedding is written twice)."""
+
+    name: str
+    mixer: str
+    ffn: str  # the FEED_FORWARDS kind its blocks have ("none": mixer-only blocks)
+    ffn_text: str  # what its blocks have, for the refusal of any other feed-forward
+    keys: Callable[..., np.ndarray | None]
+    output_required: bool = False
+
+
+def _llama_keys(writer, cfg: ModelConfig) -> np.ndarray | None:
+    from gguf import RopeScalingType
+
+    a = cfg.attention
+    writer.add_feed_forward_length(cfg.ffn.hidden)
+    writer.add_head_count(a.n_heads)
+    writer.add_head_count_kv(a.n_kv_heads)
+    writer.add_key_length(a.head_dim)
+    writer.add_value_length(a.head_dim)
+    writer.add_rope_dimension_count(a.head_dim)
+    rope, rope_freqs = rope_metadata(cfg)
+    writer.add_rope_freq_base(rope["freq_base"])
+    if "scaling_type" in rope:
+        writer.add_rope_scaling_type(RopeScalingType(rope["scaling_type"]))
+        writer.add_rope_scaling_factor(rope["scaling_factor"])
+    if "orig_ctx" in rope:
+        writer.add_rope_scaling_orig_ctx_len(rope["orig_ctx"])
+    return rope_freqs
+
+
+def _mamba2_keys(writer, cfg: ModelConfig) -> None:
+    from smedjan.model.mamba2 import D_CONV
+
+    s = cfg.ssm
+    writer.add_feed_forward_length(0)  # llama.cpp reads both, uses neither
+    writer.add_head_count(0)
+    writer.add_ssm_conv_kernel(D_CONV)
+    writer.add_ssm_inner_size(s.expand * cfg.dim)
+    writer.add_ssm_state_size(s.state)
+    writer.add_ssm_time_step_rank(s.expand * cfg.dim // s.head_dim)  # llama.cpp's name for the head count
+    writer.add_ssm_group_count(1)  # one B and C for all heads; the gated norm spans all of d_inner
+
+
+def _arwkv7_keys(writer, cfg: ModelConfig) -> None:
+    r = cfg.rwkv
+    writer.add_feed_forward_length(cfg.ffn.hidden)
+    writer.add_head_count(0)  # read, unused
+    writer.add_wkv_head_size(r.head_dim)
+    writer.add_decay_lora_rank(r.decay_rank)
+    writer.add_iclr_lora_rank(r.iclr_rank)
+    writer.add_value_residual_mix_lora_rank(r.value_rank)
+    writer.add_gate_lora_rank(r.gate_rank)
+    writer.add_token_shift_count(1)  # one shifted input per layer: the time mix's (SwiGLU has none)
+
+
+ARCHS = (Arch("llama", "attention", "swiglu", "only SwiGLU feed-forwards", _llama_keys),
+         Arch("mamba2", "ssm", "none", "no feed-forward (train with --mlp none)", _mamba2_keys),
+         Arch("arwkv7", "rwkv", "swiglu", "a SwiGLU feed-forward (train with --mlp swiglu; RWKV-7's own channel mix "
+              "runs in llama.cpp's rwkv7, whose blocks normalise with LayerNorm, not smedjan's RMSNorm)",
+              _arwkv7_keys, output_required=True))
+
+
+def gguf_arch(cfg: ModelConfig, where: str) -> Arch | None:
+    """The architecture of `cfg`'s mixer (None: no llama.cpp architecture has it; its part
+    says so when asked for names); one line for a hybrid."""
+    mixers = list(dict.fromkeys(cfg.layer_mixers()))
+    if len(mixers) > 1:
+        raise UserError(f"{where}: not exportable to GGUF: a hybrid of {' and '.join(mixers)} layers; each "
+                        "llama.cpp architecture smedjan writes has one kind of mixer in every layer")
+    return next((a for a in ARCHS if a.mixer == mixers[0]), None)
+
+
 def gguf_tensors(cfg: ModelConfig, where: str) -> list[External]:
     """The model's tensors under llama.cpp's names, in file order; one line naming what the
-    `llama` architecture would run differently from smedjan (a part, a setting)."""
+    architecture would run differently from smedjan (a part, a setting)."""
+    arch = gguf_arch(cfg, where)
     r = cfg.rope
-    if r.active == "yarn" and (r.beta_fast, r.beta_slow) != (32.0, 1.0):
+    if arch is not None and arch.name == "llama" and r.active == "yarn" and (r.beta_fast, r.beta_slow) != (32.0, 1.0):
         raise UserError(f"{where}: model config yarn beta_fast/beta_slow = {r.beta_fast}/{r.beta_slow}: llama.cpp's "
                         "llama architecture uses 32/1 only")
+    if arch is not None and cfg.ffn.kind != arch.ffn:
+        raise UserError(f"{where}: not exportable to GGUF: the feed-forward part {cfg.ffn.kind!r} (--mlp "
+                        f"{cfg.ffn.kind}): llama.cpp's {arch.name} blocks have {arch.ffn_text}")
     try:
-        return external_names(cfg, "gguf")
+        tensors = external_names(cfg, "gguf")
     except Unsupported as e:
         raise UserError(f"{where}: not exportable to GGUF: {e}") from None
+    assert arch is not None, cfg.layer_mixers()  # a part without an architecture refuses above
+    if arch.name == "arwkv7" and cfg.rwkv.head_dim % WKV7_BLOCK:
+        raise UserError(f"{where}: not exportable to GGUF: --rwkv-head-dim {cfg.rwkv.head_dim}: llama.cpp's CPU wkv7 "
+                        f"kernel walks each head in blocks of {WKV7_BLOCK} channels (AVX-512) and computes other "
+                        "head sizes wrongly; train with --rwkv-head-dim 64")
+    if arch.output_required and cfg.tie_embeddings:  # its loader needs `output`: the tied head, written out
+        from gguf import MODEL_TENSOR as T
+
+        tensors.append(External("tok_embeddings.weight", gguf_name(T.OUTPUT)))
+    return tensors
 
 
 def rope_metadata(cfg: ModelConfig) -> tuple[dict, np.ndarray | None]:
@@ -168,7 +269,7 @@ class _Planned:
 def plan_type(t: External, shape: tuple[int, ...], quant: str, tied: bool, pure: bool) -> _Planned:
     """The GGML type of one tensor (before the f16-range check)."""
     name, g = t.local, t.name
-    if len(shape) == 1 or quant == "f32":
+    if len(shape) == 1 or quant == "f32" or t.f32:
         return _Planned(name, g, "f32")
     is_head = name == "output.weight" or (tied and name == "tok_embeddings.weight")
     want = "q8_0" if (quant == "q4_0" and is_head and not pure) else quant
@@ -179,6 +280,8 @@ def plan_type(t: External, shape: tuple[int, ...], quant: str, tied: bool, pure:
 
 def _convert(src: ModelSource, t: External, plan: _Planned) -> tuple[np.ndarray, _Planned]:
     w = src.tensors[plan.name].to(torch.float32).numpy()  # bf16/f16 -> f32 is exact
+    if t.convert is not None:
+        w = t.convert(w)
     if t.rope_heads:
         w = permute_rope_rows(w, t.rope_heads)
     w = np.ascontiguousarray(w, dtype=np.float32)
@@ -219,7 +322,7 @@ def export_gguf(src: str | os.PathLike | ModelSource, out_path: str | os.PathLik
     weights-only file (`tokenizer.ggml.model = none`) that llama.cpp loads and runs on token
     ids. `on_tensor(name)` is called after each tensor; `warn(message)` gets the source's warnings
     and one line per kind of fallback."""
-    from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
+    from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
 
     t0 = time.monotonic()
     if quant not in QUANTS:
@@ -228,6 +331,7 @@ def export_gguf(src: str | os.PathLike | ModelSource, out_path: str | os.PathLik
     source = src if isinstance(src, ModelSource) else load_source(src, tokenizer)
     cfg, tok, where = source.config, source.tokenizer, str(source.path)
     tensors = gguf_tensors(cfg, where)
+    arch = gguf_arch(cfg, where)
     warn = warn or (lambda message: None)
     if no_vocab:
         tok = None
@@ -238,7 +342,7 @@ def export_gguf(src: str | os.PathLike | ModelSource, out_path: str | os.PathLik
     for w in source.warnings:
         warn(w)
 
-    writer = GGUFWriter(path=None, arch="llama")
+    writer = GGUFWriter(path=None, arch=arch.name)
     writer.add_name(source.name)
     file_type = {"f32": LlamaFileType.ALL_F32, "q8_0": LlamaFileType.MOSTLY_Q8_0,
                  "q4_0": LlamaFileType.MOSTLY_Q4_0}[quant]
@@ -247,21 +351,9 @@ def export_gguf(src: str | os.PathLike | ModelSource, out_path: str | os.PathLik
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.dim)
     writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(cfg.ffn.hidden)
-    writer.add_head_count(cfg.attention.n_heads)
-    writer.add_head_count_kv(cfg.attention.n_kv_heads)
-    writer.add_key_length(cfg.attention.head_dim)
-    writer.add_value_length(cfg.attention.head_dim)
-    writer.add_rope_dimension_count(cfg.attention.head_dim)
     writer.add_layer_norm_rms_eps(cfg.norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
-    rope, rope_freqs = rope_metadata(cfg)
-    writer.add_rope_freq_base(rope["freq_base"])
-    if "scaling_type" in rope:
-        writer.add_rope_scaling_type(RopeScalingType(rope["scaling_type"]))
-        writer.add_rope_scaling_factor(rope["scaling_factor"])
-    if "orig_ctx" in rope:
-        writer.add_rope_scaling_orig_ctx_len(rope["orig_ctx"])
+    rope_freqs = arch.keys(writer, cfg)
     ids: dict = {}
     if tok is not None:
         ids = add_tokenizer(writer, tok)

@@ -2,8 +2,9 @@
 
 The embedding, the final norm, the head and the block norms are the model's own; every
 mixer and feed-forward names its tensors itself (`Part.external`) or raises
-`Unsupported`, naming what transformers' LlamaForCausalLM or llama.cpp's `llama`
-architecture lacks; exporters let that one line reach the user.
+`Unsupported`, naming what transformers' LlamaForCausalLM or llama.cpp lacks (the
+`llama`, `mamba2` and `arwkv7` names share llama.cpp's one table); exporters let that one
+line reach the user. A block without a feed-forward (`--mlp none`) has no ffn norm.
 
     for t in external_names(cfg, "gguf"):     # in llama.cpp's tensor order
         print(t.local, "->", t.name)          # layers.0.mixer.wq.weight -> blk.0.attn_q.weight
@@ -11,13 +12,15 @@ architecture lacks; exporters let that one line reach the user.
 
 from __future__ import annotations
 
+import dataclasses
+
 from smedjan.model.config import ModelConfig
 from smedjan.model.parts import External, Unsupported, gguf_name, hf_name
 from smedjan.model.registry import FEED_FORWARDS, MIXERS
 
 __all__ = ["external_names", "Unsupported"]
 
-_TARGET = {"hf": "LlamaForCausalLM", "gguf": "llama.cpp's 'llama' architecture"}
+_TARGET = {"hf": "LlamaForCausalLM", "gguf": "llama.cpp"}
 
 
 def _model_level(cfg: ModelConfig, fmt: str) -> None:
@@ -36,6 +39,7 @@ def external_names(cfg: ModelConfig, fmt: str) -> list[External]:
         from gguf import MODEL_TENSOR as T
 
         out = [External("tok_embeddings.weight", gguf_name(T.TOKEN_EMBD))]
+    ffn_part = FEED_FORWARDS[cfg.ffn.kind]
     for i, mixer in enumerate(cfg.layer_mixers()):
         p = f"layers.{i}."
         if fmt == "hf":
@@ -43,10 +47,11 @@ def external_names(cfg: ModelConfig, fmt: str) -> list[External]:
         else:
             norms = (gguf_name(T.ATTN_NORM, i), gguf_name(T.FFN_NORM, i))
         out.append(External(p + "mixer_norm.weight", norms[0]))
-        out += [External(p + "mixer." + e.local, e.name, e.rope_heads) for e in MIXERS[mixer].external(cfg, i, fmt)]
-        out.append(External(p + "ffn_norm.weight", norms[1]))
-        ffn = FEED_FORWARDS[cfg.ffn.kind].external(cfg, i, fmt)
-        out += [External(p + "ffn." + e.local, e.name, e.rope_heads) for e in ffn]
+        out += [dataclasses.replace(e, local=p + "mixer." + e.local) for e in MIXERS[mixer].external(cfg, i, fmt)]
+        ffn = ffn_part.external(cfg, i, fmt)
+        if ffn_part.PRESENT:
+            out.append(External(p + "ffn_norm.weight", norms[1]))
+        out += [dataclasses.replace(e, local=p + "ffn." + e.local) for e in ffn]
     if fmt == "hf":
         out.append(External("norm.weight", "model.norm.weight"))
         if not cfg.tie_embeddings:

@@ -25,9 +25,12 @@ from smedjan.errors import UserError
 from smedjan.model.attention import AttentionConfig
 from smedjan.model.block_sparse import BlockSparseConfig
 from smedjan.model.ffn import FFN_MULTIPLE, FFNConfig, ffn_hidden_for
+from smedjan.model.linear_attention import LinearAttnConfig
+from smedjan.model.mamba2 import SSMConfig
 from smedjan.model.mla import MLAConfig
 from smedjan.model.parts import check
 from smedjan.model.rope import SCALINGS as ROPE_SCALINGS
+from smedjan.model.rwkv7 import RWKVConfig
 from smedjan.model.rope import RopeConfig
 
 __all__ = ["ModelConfig", "PRESETS", "FLAT", "ffn_hidden_for", "FFN_MULTIPLE", "ROPE_SCALINGS"]
@@ -56,10 +59,13 @@ FLAT: dict[str, tuple[str, str] | None] = {
     "mla_latent_dim": ("mla", "latent_dim"), "mla_q_latent_dim": ("mla", "q_latent_dim"),
     "mla_rope_dim": ("mla", "rope_dim"),
     "block_sparse_top_k": ("block_sparse", "top_k"), "block_size": ("block_sparse", "block_size"),
+    "ssm_state": ("ssm", "state"), "ssm_expand": ("ssm", "expand"), "ssm_head_dim": ("ssm", "head_dim"),
+    "ssm_chunk": ("ssm", "chunk"), "linear_attn_chunk": ("linear_attn", "chunk"),
+    "rwkv_head_dim": ("rwkv", "head_dim"), "rwkv_chunk": ("rwkv", "chunk"),
 }
 
 _NESTED = {"attention": AttentionConfig, "mla": MLAConfig, "block_sparse": BlockSparseConfig, "ffn": FFNConfig,
-           "rope": RopeConfig}
+           "rope": RopeConfig, "ssm": SSMConfig, "linear_attn": LinearAttnConfig, "rwkv": RWKVConfig}
 MAX_DIM, MAX_LAYERS, MAX_VOCAB, MAX_CONTEXT = 1 << 16, 1024, 1 << 24, 1 << 24
 
 
@@ -81,6 +87,9 @@ class ModelConfig:
     block_sparse: BlockSparseConfig = field(default_factory=BlockSparseConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
+    ssm: SSMConfig = field(default_factory=SSMConfig)
+    linear_attn: LinearAttnConfig = field(default_factory=LinearAttnConfig)
+    rwkv: RWKVConfig = field(default_factory=RWKVConfig)
     preset: str = "custom"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -115,13 +124,21 @@ class ModelConfig:
         check(self.mla.validate(self.dim, self.attention.n_heads, self.attention.n_kv_heads))
         check(self.block_sparse.validate(self.max_seq_len))
         mixers = self.layer_mixers()
+        self.rwkv.resolve(self.dim)
+        for kind, checks in (("ssm", self.ssm.validate(self.dim)), ("linear_attn", self.linear_attn.validate()),
+                             ("rwkv", self.rwkv.validate(self.dim))):
+            if kind in mixers:  # the defaults need not fit a model that does not use the part
+                check(checks)
         from smedjan.model.registry import MIXERS
 
         unknown = [m for m in mixers if m not in MIXERS]
         check([(not unknown, f"mixer {unknown[0] if unknown else ''!r} is not one of {', '.join(MIXERS)}"),
                ("mla" not in mixers or self.mla.latent_dim > 0, "the mla mixer needs --mla-latent-dim"),
                ("block_sparse" not in mixers or self.block_sparse.top_k > 0,
-                "the block_sparse mixer needs --block-sparse-top-k")])
+                "the block_sparse mixer needs --block-sparse-top-k"),
+               (self.ffn.kind != "rwkv" or set(mixers) == {"rwkv"},
+                "--mlp rwkv (RWKV-7's channel mixing) keeps its token shift in the rwkv layer's state: every layer "
+                "must be rwkv (hybrids take --mlp swiglu or relu2)")])
 
     # ------------------------------------------------------------------ layers
     def layer_mixers(self) -> list[str]:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from smedjan.model.config import ModelConfig
 
 FFN_MULTIPLE = 256
-DEFAULT_MULT = {"swiglu": 8 / 3, "relu2": 4.0}
+DEFAULT_MULT = {"swiglu": 8 / 3, "relu2": 4.0, "rwkv": 4.0, "none": 8 / 3}
 
 
 def ffn_hidden_for(dim: int, ffn_mult: float = 8 / 3) -> int:
@@ -39,7 +39,7 @@ def ffn_hidden_for(dim: int, ffn_mult: float = 8 / 3) -> int:
 
 @dataclass
 class FFNConfig:
-    kind: str = "swiglu"  # a FEED_FORWARDS name: swiglu | relu2
+    kind: str = "swiglu"  # a FEED_FORWARDS name: swiglu | relu2 | rwkv | none
     hidden: int = 0  # 0 -> the kind's default multiple of dim, rounded up to 256
 
     def resolve(self, dim: int) -> None:
@@ -134,3 +134,29 @@ class ReLU2(_Growable):
         raise Unsupported("the feed-forward part 'relu2' (--mlp relu2): "
                           + ("llama.cpp's 'llama' architecture" if fmt == "gguf" else "LlamaForCausalLM")
                           + " has only SwiGLU")
+
+
+class NoFeedForward(FeedForward):
+    """`--mlp none`: blocks are `x + mixer(norm(x))` only (Mamba-2's blocks: the SSM's own
+    gated expansion does the feed-forward's work). No parameters, no norm, no FLOPs."""
+
+    KIND = "none"
+    PRESENT = False
+
+    def __init__(self, cfg: "ModelConfig", layer: int):
+        super().__init__()
+
+    def init_weights(self, init: Init) -> None:
+        pass
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a block without a feed-forward never calls it")
+
+    @classmethod
+    def external(cls, cfg: "ModelConfig", layer: int, fmt: str) -> list[External]:
+        if fmt == "hf":
+            raise Unsupported("blocks without a feed-forward (--mlp none): LlamaForCausalLM has one in every layer")
+        return []

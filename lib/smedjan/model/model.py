@@ -1,7 +1,8 @@
 """The smedjan model: token embedding, a stack of blocks built from parts, a final RMSNorm
 and an output head (tied to the embedding unless untied).
 
-A block is `x + mixer(mixer_norm(x))`, then `x + ffn(ffn_norm(x))` (pre-norm); each
+A block is `x + mixer(mixer_norm(x))`, then `x + ffn(ffn_norm(x))` (pre-norm; `--mlp none`
+drops the second half, as Mamba-2 does); each
 layer's mixer and feed-forward come from the registries (`smedjan.model.registry`) as
 the config says. The default parts make a Llama: RoPE attention (MHA or GQA) and SwiGLU.
 Everything about a part (init, optimizer roles, FLOPs, decode state, external names)
@@ -51,16 +52,20 @@ class Block(nn.Module):
         # registration order is init order: norm, mixer, norm, feed-forward
         self.mixer_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mixer = MIXERS[mixer](cfg, layer)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = FEED_FORWARDS[cfg.ffn.kind](cfg, layer)
+        ffn = FEED_FORWARDS[cfg.ffn.kind]
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps) if ffn.PRESENT else None  # None: a mixer-only block
+        self.ffn = ffn(cfg, layer)
 
     def forward(self, x: torch.Tensor, ctx: Context, layer: int) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), ctx, layer)
-        return x + self.ffn(self.ffn_norm(x))
+        if self.ffn_norm is None:
+            return x
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, ctx, layer) if self.ffn.CONTEXTUAL else self.ffn(h))
 
     def param_roles(self) -> dict[str, str]:
-        return {"mixer_norm.weight": NORM, **_prefixed("mixer.", self.mixer.param_roles()),
-                "ffn_norm.weight": NORM, **_prefixed("ffn.", self.ffn.param_roles())}
+        ffn = {} if self.ffn_norm is None else {"ffn_norm.weight": NORM, **_prefixed("ffn.", self.ffn.param_roles())}
+        return {"mixer_norm.weight": NORM, **_prefixed("mixer.", self.mixer.param_roles()), **ffn}
 
 
 class ModelState:
@@ -97,8 +102,9 @@ class Transformer(nn.Module):
         for block in self.layers:
             init.fill_(block.mixer_norm.weight, 1.0)
             block.mixer.init_weights(init)
-            init.fill_(block.ffn_norm.weight, 1.0)
-            block.ffn.init_weights(init)
+            if block.ffn_norm is not None:
+                init.fill_(block.ffn_norm.weight, 1.0)
+                block.ffn.init_weights(init)
         init.fill_(self.norm.weight, 1.0)
         if self.output is not None:
             init.normal_(self.output.weight)

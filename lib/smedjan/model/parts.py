@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -87,6 +88,10 @@ class External:
     local: str  # our name within the part, e.g. "wq.weight"
     name: str  # theirs, whole: "model.layers.0.self_attn.q_proj.weight" or "blk.0.attn_q.weight"
     rope_heads: int = 0  # GGUF: permute rows from half-split to interleaved RoPE over this many heads
+    # GGUF: how their tensor follows from ours when it is not a copy (A = -exp(A_log), a
+    # reshape), as a function of the float32 array; None: a copy.
+    convert: Callable[[np.ndarray], np.ndarray] | None = None
+    f32: bool = False  # GGUF: always float32 (small weights llama.cpp's quantizer leaves alone)
 
 
 def hf_name(layer: int, rel: str) -> str:
@@ -243,6 +248,13 @@ class Mixer(Part):
 
 class FeedForward(Part):
     """A position-wise feed-forward: [B, T, dim] -> [B, T, dim]."""
+
+    # False: the block has no feed-forward half at all (no norm, nothing added), as in
+    # Mamba-2's blocks.
+    PRESENT: ClassVar[bool] = True
+    # True: forward(x, ctx, layer) also reads earlier positions (RWKV's token shift) and
+    # keeps what decoding needs in its layer's mixer state.
+    CONTEXTUAL: ClassVar[bool] = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

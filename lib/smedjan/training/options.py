@@ -133,6 +133,21 @@ class ModelOptions:
     block_sparse_top_k: int | None = option(None, "Block-sparse attention: each query reads its own block plus "
                                                   "the K earlier key blocks with the best pooled score.")
     block_size: int | None = option(None, "Block-sparse attention: positions per block (default 64).")
+    ssm: bool = option(False, "Mamba-2 (SSD) state-space mixer in every layer (O(N) training, constant-memory "
+                              "decoding); with --mlp none, llama.cpp's mamba2.")
+    ssm_state: int | None = option(None, "Mamba-2: state size N per head (default 64).")
+    ssm_expand: int | None = option(None, "Mamba-2: inner width = expand x dim (default 2).")
+    ssm_head_dim: int | None = option(None, "Mamba-2: channels per head (default 64).")
+    ssm_chunk: int | None = option(None, "Mamba-2: tokens per chunk of the chunked SSD training form (default 64).")
+    linear_attn: bool = option(False, "Linear attention (elu+1 feature map, normalised) in every layer.")
+    linear_attn_period: int | None = option(None, "Hybrid: every Nth layer linear attention, the rest softmax "
+                                                  "attention.")
+    linear_attn_chunk: int | None = option(None, "Linear attention: tokens per chunk of the training form "
+                                                 "(default 64).")
+    rwkv: bool = option(False, "RWKV-7 time mixing in every layer, with its channel mixing unless --mlp is given "
+                               "(--mlp swiglu: llama.cpp's arwkv7).")
+    rwkv_head_dim: int | None = option(None, "RWKV-7: channels per head (default 64).")
+    rwkv_chunk: int | None = option(None, "RWKV-7: tokens per chunk of the training form (default 16).")
     rope_theta: float | None = option(None, "RoPE base (default 10000).")
     untied: bool | None = option(None, "Separate output head instead of the tied embedding (default: tied).",
                                  flag="--untied/--tied")
@@ -148,12 +163,44 @@ _TO_CONFIG = {"kv_heads": "n_kv_heads", "mlp": "mlp", "qk_norm": "qk_norm", "log
               "sliding_window": "sliding_window", "window_pattern": "window_pattern", "short_window": "short_window",
               "layer_pattern": "layer_pattern", "mla_latent_dim": "mla_latent_dim", "mla_rope_dim": "mla_rope_dim",
               "mla_q_latent_dim": "mla_q_latent_dim", "block_sparse_top_k": "block_sparse_top_k",
-              "block_size": "block_size", "rope_theta": "rope_theta"}
+              "block_size": "block_size", "rope_theta": "rope_theta", "ssm_state": "ssm_state",
+              "ssm_expand": "ssm_expand", "ssm_head_dim": "ssm_head_dim", "ssm_chunk": "ssm_chunk",
+              "linear_attn_chunk": "linear_attn_chunk", "rwkv_head_dim": "rwkv_head_dim", "rwkv_chunk": "rwkv_chunk"}
+# Mixer flags: the part every layer gets.
+MIXER_FLAGS = {"ssm": "ssm", "linear_attn": "linear_attn", "rwkv": "rwkv"}
+# Attention settings that mean nothing to a model without attention layers.
+ATTENTION_ONLY = ("kv_heads", "qk_norm", "sliding_window", "window_pattern", "short_window", "rope_theta")
 
 
 def described_by(o: ModelOptions) -> bool:
     """Whether the flags choose a model (--size or --depth) rather than leave it to a checkpoint."""
     return o.size is not None or o.depth is not None
+
+
+def mixer_flags(o: ModelOptions, flat: dict) -> int | None:
+    """Route --ssm / --linear-attn / --rwkv into `flat` (checking what they exclude);
+    returns --linear-attn-period, which needs the layer count."""
+    chosen = [f for f in MIXER_FLAGS if getattr(o, f)]
+    period = o.linear_attn_period
+    if period is not None and "linear_attn" not in chosen:
+        chosen.append("linear_attn")
+    if len(chosen) > 1 and set(chosen) != {"linear_attn"}:
+        raise UserError(f"{' and '.join(f'`{c}`' for c in chosen)} exclude each other (mix mixers with "
+                        "`layer_pattern`)")
+    if not chosen:
+        return None
+    flag = "linear_attn_period" if period is not None else chosen[0]
+    if o.layer_pattern is not None:
+        raise UserError(f"`{flag}` and `layer_pattern` exclude each other (name the mixers in the pattern)")
+    if chosen[0] != "linear_attn" or period is None:  # a period's linear layers: through the pattern
+        flat["mixer"] = MIXER_FLAGS[chosen[0]]
+    if chosen[0] in ("ssm", "rwkv"):
+        given = [f"`{n}`" for n in ATTENTION_ONLY if getattr(o, n) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} do not apply to `{chosen[0]}` (a model without attention layers)")
+    if chosen[0] == "rwkv" and o.mlp is None:
+        flat["mlp"] = "rwkv"  # RWKV-7's own channel mixing
+    return period
 
 
 def model_config(o: ModelOptions, vocab_size: int, max_seq_len: int) -> ModelConfig:
@@ -162,6 +209,17 @@ def model_config(o: ModelOptions, vocab_size: int, max_seq_len: int) -> ModelCon
     if o.untied is not None:
         flat["tie_embeddings"] = not o.untied
     flat["max_seq_len"] = max_seq_len
+    period = mixer_flags(o, flat)
+    cfg = _shape(o, vocab_size, flat)
+    if period is not None:
+        if not 1 <= period <= cfg.n_layers:
+            raise UserError(f"`linear_attn_period` {period} must be in [1, the model's {cfg.n_layers} layers]")
+        cfg = cfg.replace(layer_pattern="linear_attn" if period == 1 else f"attention*{period - 1},linear_attn")
+    return cfg
+
+
+def _shape(o: ModelOptions, vocab_size: int, flat: dict) -> ModelConfig:
+    """The config of --size / --depth / --size custom with the other flags in `flat`."""
     if o.depth is not None:
         if o.size is not None:
             raise UserError(f"`depth` and `size` {o.size} exclude each other (the depth dial derives the shape)")
