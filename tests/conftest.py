@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import DATA, SHARED
+
+# Triton compiles for a GPU or, with TRITON_INTERPRET=1, interprets on the CPU; it reads the
+# variable when it is first imported. Without a GPU the kernel tests (test_kernels.py) run
+# in the interpreter, so set it before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

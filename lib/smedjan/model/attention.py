@@ -27,7 +27,7 @@ from torch import nn
 from smedjan.errors import UserError
 from smedjan.model.parts import (MATRIX, NORM, Context, External, Growth, Init, Mixer, TensorState, Unsupported,
                                  gguf_name, hf_name)
-from smedjan.model.rope import apply_rope, rope_frequencies
+from smedjan.model.rope import rope_frequencies
 
 if TYPE_CHECKING:
     from smedjan.model.config import ModelConfig
@@ -173,7 +173,7 @@ class Attention(Mixer):
             q = F.rms_norm(q.to(dt), (hd,), self.q_norm.to(dt), self.eps).type_as(v)
             k = F.rms_norm(k.to(dt), (hd,), self.k_norm.to(dt), self.eps).type_as(v)
         cos, sin = ctx.rope(hd)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return self.kernels.rope(q, cos, sin), self.kernels.rope(k, cos, sin), v
 
     def extra_mask(self, q: torch.Tensor, k: torch.Tensor, ctx: Context) -> torch.Tensor | None:
         """A mask ANDed into the causal one (block-sparse attention overrides this)."""

@@ -95,7 +95,7 @@ class SwiGLU(_Growable):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = fused_linear(x, (self.w1.weight, self.w3.weight)).chunk(2, dim=-1)  # chunk: a cheap backward
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.kernels.swiglu(gate, up))  # silu(gate) * up
 
     @classmethod
     def external(cls, cfg: "ModelConfig", layer: int, fmt: str) -> list[External]:

@@ -23,23 +23,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smedjan.kernels import KernelUser
 from smedjan.model.config import ModelConfig
 from smedjan.model.parts import EMBEDDING, HEAD, NORM, Context, Init, LayerState
 from smedjan.model.registry import FEED_FORWARDS, MIXERS
 from smedjan.model.rope import RopeTables
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(KernelUser, nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in at least float32 (bf16 sums of squares lose too much), return the input
-        # dtype. F.rms_norm is one fused kernel instead of five elementwise passes.
-        dt = torch.promote_types(x.dtype, torch.float32)
-        return F.rms_norm(x.to(dt), (x.shape[-1],), self.weight.to(dt), self.eps).type_as(x)
+        return self.kernels.rms_norm(x, self.weight, self.eps)  # in float32 at least, x's dtype out
 
 
 def _prefixed(prefix: str, roles: dict[str, str]) -> dict[str, str]:
@@ -80,7 +78,7 @@ class ModelState:
             st.move_row(src, dst, length)
 
 
-class Transformer(nn.Module):
+class Transformer(KernelUser, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -174,11 +172,17 @@ class Transformer(nn.Module):
             z = (torch.tanh(zf / c) * c).to(z.dtype)
         return z
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, state: ModelState | None = None,
-                start: int | torch.Tensor = 0, rows: slice | None = None, ignore_index: int = -1) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets=None, *, state: ModelState | None = None,
+                start: int | torch.Tensor = 0, rows: slice | None = None, ignore_index: int = -1,
+                head=None):
         """Logits [B, T, vocab] or, with targets [B, T], the mean cross-entropy over the
-        targets that are not `ignore_index`."""
-        logits = self.logits(self.hidden(idx, state=state, start=start, rows=rows))
+        targets that are not `ignore_index`. With `head`: head(model, final hidden states,
+        targets) instead (a loss computed from the hidden states without full logits:
+        `smedjan.training.heads`)."""
+        h = self.hidden(idx, state=state, start=start, rows=rows)
+        if head is not None:
+            return head(self, h, targets)
+        logits = self.logits(h)
         if targets is None:
             return logits
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from smedjan.errors import UserError
+from smedjan.kernels import KernelUser
 
 if TYPE_CHECKING:
     from smedjan.model.config import ModelConfig
@@ -138,8 +139,9 @@ class Growth:
         return out
 
 
-class Part(nn.Module):
-    """Base of mixers and feed-forwards (see the module docstring)."""
+class Part(KernelUser, nn.Module):
+    """Base of mixers and feed-forwards (see the module docstring). `self.kernels` holds the
+    model's choice of kernels (`smedjan.kernels`: RMSNorm, RoPE, SwiGLU, ...)."""
 
     KIND: ClassVar[str] = ""
     ROLES: ClassVar[dict[str, str]] = {}  # local parameter name -> role

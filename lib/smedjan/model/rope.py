@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from smedjan.kernels.reference import apply_rope  # noqa: F401  (the rotation; its Triton twin is beside it)
+
 SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
 
 
@@ -104,16 +106,6 @@ def rope_tables(cfg: RopeConfig, dim: int, length: int, max_seq_len: int,
     freqs = torch.outer(t, inv_freq)  # [length, dim/2]
     emb = torch.cat([freqs, freqs], dim=-1)
     return (emb.cos() * mscale).to(dtype), (emb.sin() * mscale).to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [..., T, d]; cos, sin broadcastable to it ([T, d], or [B, 1, 1, d] for one
-    position per row). Rotates in the tables' precision, returns x's dtype."""
-    half = x.shape[-1] // 2
-    xf = x.to(cos.dtype)
-    x1, x2 = xf[..., :half], xf[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).type_as(x)
 
 
 class RopeTables:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from smedjan.errors import UserError
 from smedjan.options import option, retitled
 from smedjan.post.run import PostArgs
+from smedjan.training.heads import FusedDistill
 from smedjan.training.options import ModelOptions, RunOptions, model_config
 
 
@@ -44,18 +45,26 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: 
     return alpha * kl + (1 - alpha) * ce, kl.detach(), ce.detach()
 
 
-def make_distill_loss(teacher: torch.nn.Module, temperature: float, alpha: float):
-    """loss_fn(student, (x, y)) for the Trainer; the teacher runs frozen under no_grad."""
+def make_distill_loss(teacher: torch.nn.Module, temperature: float, alpha: float, fused: bool = False):
+    """loss_fn(student, (x, y)) for the Trainer; the teacher runs frozen under no_grad.
+    `fused` (--fused-ce): the same loss from both models' final hidden states, a chunk of
+    positions at a time (`smedjan.training.heads.FusedDistill`): no logits of either."""
     if not temperature > 0:
         raise UserError(f"--temperature {temperature} must be positive")
     if not 0 <= alpha <= 1:
         raise UserError(f"--alpha {alpha} must be in [0, 1]")
+    head = FusedDistill(teacher, temperature, alpha) if fused else None
 
     def loss_fn(model, batch):
         x, y = batch
-        with torch.no_grad():
-            t_logits = teacher(x)
-        loss, kl, ce = distill_loss(model(x), t_logits, y, temperature, alpha)
+        if head is not None:
+            with torch.no_grad():
+                t_hidden = teacher.hidden(x)
+            loss, kl, ce = model(x, (y, t_hidden), head=head)
+        else:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss, kl, ce = distill_loss(model(x), t_logits, y, temperature, alpha)
         return loss, {"tokens": x.numel(), "kl": kl, "ce": ce}
 
     return loss_fn
@@ -156,7 +165,8 @@ def run(a: DistillArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, obj
         log(f"teacher: {t_cfg.describe()}, {t_cfg.n_params():,} parameters; student "
             f"{t_cfg.n_params() / cfg.n_params():.1f}x smaller; T {a.temperature:g}, alpha {a.alpha:g}; "
             f"{steps:,} steps from {how}")
-    result, _ = train_model("distill", a, model, tok, cfg, loader, make_distill_loss(teacher, a.temperature, a.alpha),
+    loss_fn = make_distill_loss(teacher, a.temperature, a.alpha, a.fused_ce)
+    result, _ = train_model("distill", a, model, tok, cfg, loader, loss_fn,
                             steps, ctx, amp, ckpt_dir, resumed, evaluator=evaluator,
                             flops_per_token=cfg.flops_per_token(a.seq_len), fault_steps=fault_steps, lr_scale=lr_scale)
     summary = base_summary(result, a)

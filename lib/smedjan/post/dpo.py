@@ -44,6 +44,7 @@ from smedjan.post.formats import LoadReport, Pair
 from smedjan.options import option, retitled
 from smedjan.post.run import ChatDataArgs, PostArgs
 from smedjan.post.sft import TOO_LONG, pad_id
+from smedjan.training.heads import FusedCE
 
 LOSSES = ("sigmoid", "ipo", "hinge", "robust")
 
@@ -212,13 +213,15 @@ class DpoSource(ShuffledBatches):
                             f"(sum {got:.6g}): resume with the same --checkpoint / --ref-checkpoint and data")
 
 
-def make_dpo_loss(beta: float, loss: str, label_smoothing: float):
-    """loss_fn(model, batch) -> (mean DPO loss, metrics) for the Trainer."""
+def make_dpo_loss(beta: float, loss: str, label_smoothing: float, fused: bool = False):
+    """loss_fn(model, batch) -> (mean DPO loss, metrics) for the Trainer. `fused`
+    (--fused-ce): the per-token log-probs come from the chunked head, without logits."""
     check_loss_flags(beta, loss, label_smoothing)
+    token_nll = FusedCE(ignore_index=-1, reduction="none") if fused else None
 
     def loss_fn(model, batch):
         x, y, counts, ref, n_tokens = batch
-        logps = sequence_logps(model(x), y)  # [2B]
+        logps = -model(x, y, head=token_nll).sum(-1) if fused else sequence_logps(model(x), y)  # [2B]
         ref = ref.to(logps.dtype)
         if loss == "ipo":  # IPO compares per-token averages
             logps, ref = logps / counts.to(logps.dtype), ref / counts.to(logps.dtype)
@@ -363,7 +366,8 @@ def run(a: DpoArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]
         log(f"data: {len(train):,} pairs for training, {len(val):,} held out; formats "
             f"{', '.join(sorted(set(report.formats.values())))}; skipped: {report.describe_skips()}; truncated: "
             f"{report.truncated}; loss {a.loss}, beta {a.beta:g}; {steps:,} steps from {how}")
-    result, _ = train_model("dpo", a, model, tok, cfg, source, make_dpo_loss(a.beta, a.loss, a.label_smoothing),
+    loss_fn = make_dpo_loss(a.beta, a.loss, a.label_smoothing, a.fused_ce)
+    result, _ = train_model("dpo", a, model, tok, cfg, source, loss_fn,
                             steps, ctx, amp, ckpt_dir, resumed, evaluator=evaluator,
                             run_config={"max_len": max_len, "max_prompt_len": max_prompt_len},
                             flops_per_token=cfg.flops_per_token(max_len), fault_steps=fault_steps)

@@ -20,6 +20,7 @@ is the mean over its assistant targets.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,10 +95,11 @@ def sft_source(examples: list[Example], tok, batch_size: int, seed: int, rank: i
                            rank=rank, world_size=world_size, identity=ident)
 
 
-def sft_loss(model, batch) -> tuple[torch.Tensor, dict]:
-    """Mean cross-entropy over the batch's assistant targets."""
+def sft_loss(model, batch, head=None) -> tuple[torch.Tensor, dict]:
+    """Mean cross-entropy over the batch's assistant targets (through `head` when given:
+    --fused-ce)."""
     x, y, n_tokens = batch
-    return model(x, y, ignore_index=-1), {"tokens": n_tokens}
+    return model(x, y, ignore_index=-1, head=head), {"tokens": n_tokens}
 
 
 def assistant_nll(model, examples: list[Example], batch_size: int, device, rank: int = 0,
@@ -144,6 +146,7 @@ def run(a: SftArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]
     from smedjan.post.formats import load_conversations
     from smedjan.post.run import base_summary, check_common, load_chat_model_checkpoint, resolve_steps, train_model
     from smedjan.training.driver import setup
+    from smedjan.training.heads import FusedCE
 
     ckpt_dir, resumed = check_common(a, "sft")
     ck, tok = load_chat_model_checkpoint(a.checkpoint)
@@ -187,7 +190,8 @@ def run(a: SftArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, object]
         log(f"data: {len(train):,} conversations for training ({n_targets:,} assistant targets), {len(val):,} held "
             f"out; formats {', '.join(sorted(set(report.formats.values())))}; skipped: {report.describe_skips()}; "
             f"truncated: {report.truncated}; padded per example, not packed; {steps:,} steps from {how}")
-    result, _ = train_model("sft", a, model, tok, cfg, source, sft_loss, steps, ctx, amp, ckpt_dir, resumed,
+    loss_fn = functools.partial(sft_loss, head=FusedCE(ignore_index=-1)) if a.fused_ce else sft_loss
+    result, _ = train_model("sft", a, model, tok, cfg, source, loss_fn, steps, ctx, amp, ckpt_dir, resumed,
                             evaluator=evaluator, run_config={"max_len": max_len},
                             flops_per_token=cfg.flops_per_token(max_len), fault_steps=fault_steps)
     summary = base_summary(result, a)

@@ -25,6 +25,7 @@ import torch
 
 from smedjan.console import log, warn
 from smedjan.errors import UserError
+from smedjan.training.levers import apply_levers, check_device, levers_of
 from smedjan.training.options import RESUME_FREE, RunOptions
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -69,6 +70,7 @@ def check_run(o: RunOptions) -> None:
             raise UserError("`min_lr` does not apply to `optimizer` hybrid (its roles have different rates): use "
                             "`final_lr_frac`")
     check_settings(name, optimizer_settings(o))
+    levers_of(o)
 
 
 def optimizer_settings(o: RunOptions, width: int = 768, lr_schedule=None, lr_scale: float = 1.0):
@@ -152,8 +154,10 @@ def setup(o: RunOptions):
     from smedjan.device import pick_device
     from smedjan.training.dist import init_distributed
 
-    ctx = init_distributed(pick_device(o.device))
-    amp = precision_policy(o.precision, ctx.device)
+    device = pick_device(o.device)
+    check_device(levers_of(o), device, compiled=o.compile)
+    ctx = init_distributed(device)
+    amp = None if o.bf16_matmul else precision_policy(o.precision, ctx.device)
     if ctx.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for matmuls
         torch.backends.cudnn.allow_tf32 = True
@@ -183,6 +187,8 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
     settings = optimizer_settings(o, cfg.dim, schedule, lr_scale or 1.0)
     optimizer = build_optimizer(o.optimizer, param_groups(model, o.weight_decay), settings, device=ctx.device)
     run_config = {**dataclasses.asdict(o), **(run_config or {}), "steps": steps, "warmup": warmup}
+    levers = levers_of(o)
+    kernels = apply_levers(model, levers, ctx.device, compiled=o.compile)
     tcfg = TrainerConfig(
         tool=tool, steps=steps, checkpoint_dir=ckpt_dir, checkpoint_every=o.checkpoint_every, keep=o.keep,
         final_path=final_path, grad_accum=o.grad_accum, grad_clip=o.grad_clip, max_bad_steps=o.max_bad_steps,
@@ -203,12 +209,14 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
         log(f"model: {cfg.preset} {cfg.describe()}, context {cfg.max_seq_len}: {cfg.n_params():,} parameters "
             f"({cfg.n_params(embedding=False):,} non-embedding)")
         log(f"device: {ctx.device}{' x ' + str(ctx.world_size) if ctx.enabled else ''}, "
-            f"{'bf16 autocast' if amp else 'fp32'}{', compiled' if o.compile else ''}; threads "
+            f"{'bf16 autocast' if amp else 'bf16 matmuls' if o.bf16_matmul else 'fp32'}"
+            f"{', compiled' if o.compile else ''}; threads "
             f"{torch.get_num_threads()}" + (f"; resuming at step {trainer.step}" if resumed is not None else "")
             + note)
         rates = ", ".join(f"{g['role']} {g.get('kind', '')} {g['peak_lr']:.3g}".replace("  ", " ")
                           for g in optimizer.param_groups)
         log(f"optimizer: {o.optimizer} ({rates})" + (f"; {optimizer.note}" if hasattr(optimizer, "note") else ""))
+        log(f"levers: {levers.describe() or 'none'}; kernels: {kernels.name}")
     try:
         result = trainer.fit()
     finally:

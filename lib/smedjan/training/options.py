@@ -89,11 +89,33 @@ class RunOptions:
     device: str | None = option(None, "cpu, cuda, cuda:N or mps (default: cuda > mps > cpu).")
     precision: str = option("auto", "auto (bf16 autocast and TF32 matmuls on CUDA, fp32 elsewhere), fp32 or bf16.")
     compile: bool = option(False, "torch.compile the model (needs a C++ compiler on CPU).")
+    # Memory and speed levers (smedjan.training.levers); out of memory? In order: a smaller
+    # --batch-size, --grad-accum, --gradient-checkpointing, --fused-ce, --fp16-activations.
+    gradient_checkpointing: bool = option(False, "Keep only each block's input and recompute the rest in the "
+                                                 "backward (non-reentrant torch.utils.checkpoint): most of the "
+                                                 "activation memory for about a third more compute.")
+    checkpoint_layers: int = option(1, "With --gradient-checkpointing: checkpoint every Nth block (blocks 0, N, "
+                                       "2N, ...; 1: all).")
+    fused_ce: bool = option(False, "Output head and loss a chunk of positions at a time, gradients in the forward: "
+                                   "no [tokens, vocab] logits are kept (GBs at a 32k+ vocabulary).")
+    fp16_activations: bool = option(False, "Store the float32 activations kept for the backward in fp16 (a "
+                                           "power-of-two scale per tensor, so nothing overflows): about half their "
+                                           "memory.")
+    bf16_matmul: bool = option(False, "Matmuls in bf16 on any device, from fp32 master weights; everything else "
+                                      "fp32 (replaces autocast). It has coarser precision and can destabilize an "
+                                      "otherwise-healthy run: reach for it last.")
+    kernels: str = option("auto", "auto (Triton kernels for RMSNorm, RoPE, SwiGLU and --fused-ce on CUDA without "
+                                  "--compile, PyTorch elsewhere), triton or torch.")
+    fp8: bool = option(False, "FP8 matmuls (torch._scaled_mm) in the block linears whose widths are multiples of 16 "
+                              "and >= 128; a GPU of compute capability 8.9+ (H100, L4, RTX 40). Eval and export "
+                              "stay bf16/fp32.")
+    fp8_recipe: str = option("tensorwise", "With --fp8: tensorwise (a scale per tensor; e5m2 gradients) or rowwise "
+                                           "(a scale per row; more accurate, slower).")
 
 
 # Flags that may change between a run and its resumption without a warning.
 RESUME_FREE = frozenset({"resume", "init", "device", "compile", "run", "sample_every", "peak_flops",
-                         "checkpoint_dir", "output"})
+                         "checkpoint_dir", "output", "gradient_checkpointing", "checkpoint_layers"})
 
 
 @dataclass(kw_only=True)

@@ -16,6 +16,7 @@ UserError, nothing on disk). Precedence rules:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ from smedjan.model import ModelConfig, Transformer
 from smedjan.options import option, retitled
 from smedjan.training.driver import (check_folder, check_run, fault_steps_from_env, fit, resolve_total_batch, setup,
                                      summary_of)
+from smedjan.training.heads import FusedCE
 from smedjan.training.options import ARCH_FLAGS, ModelOptions, RunOptions, described_by, model_config
 
 __all__ = ["TrainArgs", "run", "lm_loss", "make_evaluator", "make_sampler", "fault_steps_from_env"]
@@ -66,10 +68,11 @@ class TrainArgs(RunOptions, ModelOptions):
     run: str | None = option(None, "Weights & Biases run name (needs wandb); unset or 'dummy' disables it.")
 
 
-def lm_loss(model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict]:
-    """Next-token cross-entropy over x, y int64 [B, T] (mean over the B*T targets)."""
+def lm_loss(model: torch.nn.Module, batch, head=None) -> tuple[torch.Tensor, dict]:
+    """Next-token cross-entropy over x, y int64 [B, T] (mean over the B*T targets), through
+    `head` when given (--fused-ce: `smedjan.training.heads.FusedCE`)."""
     x, y = batch
-    return model(x, y), {"tokens": x.numel()}
+    return model(x, y, head=head), {"tokens": x.numel()}
 
 
 # ---------------------------------------------------------------------------- config
@@ -294,7 +297,8 @@ def run(a: TrainArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, "obje
     if ctx.is_main:
         log(f"data: {train_tf.n_tokens:,} tokens; {tokens_per_step:,} tokens/step ({a.batch_size} x {a.seq_len} x "
             f"{a.grad_accum} accum x {ctx.world_size} rank(s)); {steps:,} steps from {how}")
-    result, _ = fit("train", a, model, tok, cfg, loader, lm_loss, steps, ctx, amp, ckpt_dir, resumed,
+    loss_fn = functools.partial(lm_loss, head=FusedCE()) if a.fused_ce else lm_loss
+    result, _ = fit("train", a, model, tok, cfg, loader, loss_fn, steps, ctx, amp, ckpt_dir, resumed,
                     evaluator=evaluator, sampler=make_sampler(tok) if a.sample_every else None,
                     flops_per_token=cfg.flops_per_token(a.seq_len), peak_flops=a.peak_flops, loggers=loggers,
                     fault_steps=fault_steps, lr_scale=lr_scale)
