@@ -43,7 +43,12 @@ def _rel(a: dict, b: dict) -> float:
     return max(float((a[n] - b[n]).norm() / b[n].norm()) for n in b)
 
 
-@pytest.mark.parametrize("flat", [MIXED, {**MIXED, "mlp": "relu2", "layer_pattern": "", "qk_norm": True}])
+# the O(N) mixers beside attention (their chunked scans recompute like any other part)
+RECURRENT = dict(vocab_size=97, dim=32, n_layers=3, n_heads=2, max_seq_len=16, layer_pattern="ssm,linear_attn,attention")
+
+
+@pytest.mark.parametrize("flat", [MIXED, {**MIXED, "mlp": "relu2", "layer_pattern": "", "qk_norm": True}, RECURRENT,
+                                  {**RECURRENT, "layer_pattern": "", "mixer": "rwkv", "mlp": "rwkv", "rwkv_head_dim": 16}])
 def test_checkpointing_gives_bitwise_equal_gradients(flat):
     cfg = ModelConfig.make(**flat)
     loss0, g0 = _step(cfg, None)
