@@ -151,7 +151,8 @@ def ordered_map(fn: Callable[[Any], Any], jobs: Iterable, processes: int, initia
 
     `fn` and `initializer` run in the workers (module-level functions, so that spawn can
     find them). An exception in a worker is raised in the parent: a UserError as itself,
-    anything else as an error carrying the worker's traceback. The jobs iterator runs in
+    anything else as an error carrying the worker's traceback, in job order (the earliest
+    failing job's, as a serial loop would raise). The jobs iterator runs in
     the parent, between results, so reading input overlaps encoding.
     """
     ctx = fork_context()
@@ -190,9 +191,15 @@ def ordered_map(fn: Callable[[Any], Any], jobs: Iterable, processes: int, initia
                 busy[w.results] = w
                 submitted += 1
             if yielded in done:
-                result = done.pop(yielded)
+                status, value = done.pop(yielded)
                 yielded += 1
-                yield result
+                # A job's error is raised in its turn, as its result would have been: the
+                # earliest failing job's error, whichever worker finished first.
+                if status == "user":
+                    raise UserError(value)
+                if status == "bug":
+                    raise _RemoteError(f"in a worker process:\n{value}")
+                yield value
                 continue
             if not busy:
                 assert exhausted and yielded == submitted
@@ -203,11 +210,7 @@ def ordered_map(fn: Callable[[Any], Any], jobs: Iterable, processes: int, initia
                     status, value = conn.recv()
                 except (EOFError, OSError):
                     raise w.death() from None
-                if status == "user":
-                    raise UserError(value)
-                if status == "bug":
-                    raise _RemoteError(f"in a worker process:\n{value}")
-                done[w.job_index] = value
+                done[w.job_index] = (status, value)
                 idle.append(w)
         ok = True
     finally:
