@@ -37,8 +37,8 @@ def test_compiled_training_matches_eager_and_compiles_once():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kw", [
-    dict(layer_pattern="ssm,linear_attn,rwkv,attention", n_layers=4, ssm_head_dim=16, rwkv_head_dim=16, ssm_chunk=4,
-         linear_attn_chunk=4, rwkv_chunk=4),
+    dict(layer_pattern="ssm,linear_attn,rwkv,attention", n_layers=4, ssm_head_dim=16, rwkv_head_dim=16, ssm_chunk=8,
+         linear_attn_chunk=8, rwkv_chunk=8),
     dict(mixer="rwkv", mlp="rwkv", rwkv_head_dim=16, rwkv_chunk=8),  # the contextual feed-forward
 ])
 def test_recurrent_mixers_compile_once_and_train_like_eager(kw):

@@ -47,22 +47,38 @@ def unigram_bound_bpb(train_bin, tokenizer) -> tuple[float, float, float]:
     return h / bytes_per_token, h, bytes_per_token
 
 
-@pytest.mark.slow
-def test_tiny_beats_the_unigram_entropy_clearly(tmp_path, tokenizer_path, tokenizer):
-    train_bin, val_bin = tmp_path / "train.bin", tmp_path / "val.bin"
+# One AdamW run serves both tests below: the tiny preset, 250 steps of 16 x 128 on every
+# shipped corpus file (the test tokenizer), cosine 3e-3 -> 3e-4 after 25 warmup steps.
+COMMON = ["--size", "tiny", "--batch-size", "16", "--seq-len", "128", "--steps", "250", "--warmup", "25", "--lr",
+          "3e-3", "--min-lr", "3e-4", "--checkpoint-every", "0", "--val-tokens", "32768", "--json"]
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory, tokenizer_path):
+    folder = tmp_path_factory.mktemp("quality")
+    train_bin, val_bin = folder / "train.bin", folder / "val.bin"
     res = smedjan("prepare", "--input", DATA / "pretrain", "-t", tokenizer_path, "-o", train_bin, "--val-output",
                   val_bin, "--val-fraction", "0.02", "--txt-split", "blank", "--json")
     assert res.code == 0, res
     assert json.loads(res.out)["val_tokens"] > 32768
-    bound, h, bpt = unigram_bound_bpb(train_bin, tokenizer)
-    assert 2.0 < bound < 5.0 and 1.5 < bpt < 6.0  # sanity: an English BPE of 2048 tokens
+    return ["--dataset", train_bin, "--val-dataset", val_bin, "--tokenizer", tokenizer_path], train_bin
 
-    res = train("--dataset", train_bin, "--val-dataset", val_bin, "--tokenizer", tokenizer_path, "--size", "tiny",
-                "--batch-size", "16", "--seq-len", "128", "--steps", "250", "--warmup", "25", "--lr", "3e-3",
-                "--checkpoint-every", "0", "--val-tokens", "32768", "--checkpoint-dir", tmp_path / "ck", "--json")
+
+@pytest.fixture(scope="module")
+def adamw_run(shipped, tmp_path_factory):
+    """(summary, checkpoint folder) of the AdamW run."""
+    folder = tmp_path_factory.mktemp("adamw")
+    res = train(*shipped[0], *COMMON, "--optimizer", "adamw", "--checkpoint-dir", folder)
     assert res.code == 0, res
-    summary = json.loads(res.out)
-    final = [r for r in metrics(tmp_path / "ck") if "val_bpb" in r][-1]
+    return json.loads(res.out), folder
+
+
+@pytest.mark.slow
+def test_tiny_beats_the_unigram_entropy_clearly(shipped, adamw_run, tokenizer):
+    bound, h, bpt = unigram_bound_bpb(shipped[1], tokenizer)
+    assert 2.0 < bound < 5.0 and 1.5 < bpt < 6.0  # sanity: an English BPE of 2048 tokens
+    summary, folder = adamw_run
+    final = [r for r in metrics(folder) if "val_bpb" in r][-1]
     assert final["step"] == 250 and summary["val_bpb"] == final["val_bpb"]
     print(f"unigram bound {bound:.4f} bits/byte (H {h:.3f} bits/token, {bpt:.3f} bytes/token); "
           f"tiny val bpb {final['val_bpb']:.4f} = {final['val_bpb'] / bound:.3f} x bound")
@@ -81,19 +97,10 @@ HYBRID_GAIN = 0.49  # nats, measured: adamw 4.89 -> hybrid 4.40 (README, Benchma
 
 
 @pytest.mark.slow
-def test_hybrid_trains_the_tiny_model_lower_than_adamw(tmp_path, tokenizer_path):
-    train_bin, val_bin = tmp_path / "train.bin", tmp_path / "val.bin"
-    res = smedjan("prepare", "--input", DATA / "pretrain", "-t", tokenizer_path, "-o", train_bin, "--val-output",
-                  val_bin, "--val-fraction", "0.02", "--txt-split", "blank")
+def test_hybrid_trains_the_tiny_model_lower_than_adamw(shipped, adamw_run, tmp_path):
+    res = train(*shipped[0], *for_optimizer(COMMON, "hybrid"), "--final-lr-frac", "0.1",  # 3e-4 / 3e-3, per role
+                "--optimizer", "hybrid", "--checkpoint-dir", tmp_path / "hybrid")
     assert res.code == 0, res
-    common = ["--dataset", train_bin, "--val-dataset", val_bin, "--tokenizer", tokenizer_path, "--size", "tiny",
-              "--batch-size", "16", "--seq-len", "128", "--steps", "250", "--warmup", "25", "--lr", "3e-3",
-              "--min-lr", "3e-4", "--checkpoint-every", "0", "--val-tokens", "32768", "--json"]
-    val = {}
-    for name in ("adamw", "hybrid"):
-        floor = ["--final-lr-frac", "0.1"] if name == "hybrid" else []  # 3e-4 / 3e-3, per role
-        res = train(*for_optimizer(common, name), *floor, "--optimizer", name, "--checkpoint-dir", tmp_path / name)
-        assert res.code == 0, res
-        val[name] = json.loads(res.out)["val_loss"]
+    val = {"adamw": adamw_run[0]["val_loss"], "hybrid": json.loads(res.out)["val_loss"]}
     print(f"val loss at 250 steps: adamw {val['adamw']:.4f}, hybrid {val['hybrid']:.4f}")
     assert val["hybrid"] < val["adamw"] - HYBRID_GAIN / 3

@@ -26,9 +26,9 @@ def shipped(tmp_path_factory, tokenizer_path, tokenizer):
 
 # Each row exercises several parts at once, so the run count stays small: together they
 # cover QK-norm, soft-capping, ReLU^2, the window pattern, an untied head, the depth dial and
-# a layer pattern of attention, MLA and block-sparse attention. Measured (250 steps of
-# 16 x 128): 0.68 x the bound for the first; MLA alone 0.72, block-sparse alone 0.76, the
-# hybrid 0.77.
+# a layer pattern of attention, MLA and block-sparse attention. Measured (150 steps of
+# 16 x 128): 0.77 x the bound for the first, 0.81 x for the hybrid; at 250 steps 0.68 x and
+# 0.77 x (MLA alone 0.72, block-sparse alone 0.76).
 VARIANTS = {
     "qknorm-relu2-softcap-windows": ["--qk-norm", "--mlp", "relu2", "--logit-softcap", "15", "--window-pattern", "SL",
                                      "--short-window", "32", "--untied"],
@@ -46,7 +46,7 @@ def test_variant_trains_below_the_unigram_bound(name, shipped, tokenizer_path, t
     out = tmp_path / "ck"
     res = train("--dataset", train_bin, "--val-dataset", val_bin, "--tokenizer", tokenizer_path, *size,
                 *VARIANTS[name], "--batch-size", "16", "--seq-len", "128",
-                "--steps", "250", "--warmup", "25", "--lr", "3e-3", "--checkpoint-every", "0", "--val-tokens", "32768",
+                "--steps", "150", "--warmup", "15", "--lr", "3e-3", "--checkpoint-every", "0", "--val-tokens", "32768",
                 "--checkpoint-dir", out, "--json")
     assert res.code == 0, res
     final = [r for r in metrics(out) if "val_bpb" in r][-1]
@@ -148,10 +148,11 @@ def test_help_documents_the_architecture_flags():
 
 
 # The O(N) mixers against attention at equal steps: the bar is a val loss within 10%
-# of attention's. CI runs this reduced budget (the tiny preset, 150 steps of 16 x 128 tokens);
-# the README states the figures at the tiny pipeline's full budget (480 steps of 16 x 256).
-O_N = {"attention": [], "ssm": ["--ssm"], "linear-attn": ["--linear-attn"], "rwkv": ["--rwkv"],
-       "hybrid-ssm*3,attention": ["--layer-pattern", "ssm*3,attention"]}
+# of attention's. CI runs this reduced budget (the tiny preset, 100 steps of 16 x 128 tokens;
+# measured: attention 6.16, ssm 0.87x, linear-attn 0.99x, rwkv 0.91x), where the O(N) mixers
+# still lead (README, Train). `python bench/quality.py --extra 'ssm={"ssm": true}'` runs one
+# at the tiny pipeline's full budget.
+O_N = {"attention": [], "ssm": ["--ssm"], "linear-attn": ["--linear-attn"], "rwkv": ["--rwkv"]}
 
 
 @pytest.mark.slow
@@ -161,7 +162,7 @@ def test_o_n_mixers_train_within_10_percent_of_attention(shipped, tokenizer_path
     for name, flags in O_N.items():
         out = tmp_path / name.replace("*", "x").replace(",", "-")
         res = train("--dataset", train_bin, "--val-dataset", val_bin, "--tokenizer", tokenizer_path, "--size", "tiny",
-                    *flags, "--batch-size", "16", "--seq-len", "128", "--steps", "150", "--warmup", "15", "--lr",
+                    *flags, "--batch-size", "16", "--seq-len", "128", "--steps", "100", "--warmup", "10", "--lr",
                     "3e-3", "--checkpoint-every", "0", "--val-tokens", "32768", "--checkpoint-dir", out, "--json")
         assert res.code == 0, res
         final[name] = [r for r in metrics(out) if "val_loss" in r][-1]["val_loss"]
