@@ -152,7 +152,8 @@ def test_help_documents_the_architecture_flags():
 # measured: attention 6.16, ssm 0.87x, linear-attn 0.99x, rwkv 0.91x), where the O(N) mixers
 # still lead (README, Train). `python bench/quality.py --extra 'ssm={"ssm": true}'` runs one
 # at the tiny pipeline's full budget.
-O_N = {"attention": [], "ssm": ["--ssm"], "linear-attn": ["--linear-attn"], "rwkv": ["--rwkv"]}
+O_N = {"attention": [], "ssm": ["--ssm"], "linear-attn": ["--linear-attn"], "rwkv": ["--rwkv"],
+       "hybrid-ssm*3,attention": ["--layer-pattern", "ssm*3,attention"]}
 
 
 @pytest.mark.slow
