@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import DATA, SHARED
+
+# A shell without job control starts background commands with SIGINT ignored, and the
+# tools' subprocesses would inherit that: the Ctrl-C tests would then wait out their
+# timeouts. A Python handler here is reset to the default in every exec'd child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Triton compiles for a GPU or, with TRITON_INTERPRET=1, interprets on the CPU; it reads the
 # variable when it is first imported. Without a GPU the kernel tests (test_kernels.py) run
