@@ -108,7 +108,7 @@ class _PlainBar:
         log(self._line())
 
     def abandon(self) -> None:
-        pass
+        """Nothing to erase: plain progress is past log lines, and no final one is written."""
 
 
 class _RichBar:

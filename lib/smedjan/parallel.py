@@ -56,7 +56,7 @@ def _die_with_parent() -> None:
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # no prctl here: end-of-file on the job pipe still ends us
         pass
 
 

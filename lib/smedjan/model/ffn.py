@@ -147,7 +147,7 @@ class NoFeedForward(FeedForward):
         super().__init__()
 
     def init_weights(self, init: Init) -> None:
-        pass
+        """No parameters to initialise."""
 
     def flops_per_token(self, seq_len: int) -> float:
         return 0.0
