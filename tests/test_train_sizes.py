@@ -89,3 +89,27 @@ def test_bench_script_compares_with_the_plain_loop():
     if has_hf:  # the transformers peer is timed in the same rounds and the ratio is recorded
         assert rows["smedjan"]["train_vs_hf"] > 0 and rows["hf"]["train_tok_s"] > 0
     assert rows["smedjan"]["train_ratio"] == pytest.approx(rows["smedjan"]["train_tok_s"] / rows["plain"]["train_tok_s"])
+
+
+@pytest.mark.parametrize("name", sorted(__import__("smedjan_tools.train.bench", fromlist=["VARIANTS"]).VARIANTS))
+def test_every_bench_variant_is_a_valid_distinct_model(name):
+    import torch
+
+    from smedjan_tools.train.bench import VARIANTS
+
+    base = ModelConfig.from_preset("tiny", 512, max_seq_len=32)
+    cfg = base.replace(**VARIANTS[name](base, 32))
+    assert cfg != base
+    torch.manual_seed(0)
+    loss = Transformer(cfg)(torch.randint(0, 512, (1, 32)), torch.randint(0, 512, (1, 32)))
+    assert torch.isfinite(loss)
+
+
+def test_bench_variant_row_and_unknown_variant():
+    res = smedjan("bench", "--size", "tiny", "--variant", "ssm", "--steps", "1", "--rounds", "1", "--batch-size", "1",
+                  "--seq-len", "16", "--json")
+    assert res.code == 0, res
+    rows = json.loads(res.out)["rows"]
+    assert [r["variant"] for r in rows] == [None, "ssm"] and rows[1]["params"] != rows[0]["params"]
+    assert rows[1]["train_tok_s"] > 0 and rows[1]["decode_tok_s"] > 0
+    assert_user_error(smedjan("bench", "--variant", "nope"), "--variant 'nope'")

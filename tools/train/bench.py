@@ -23,6 +23,11 @@ VARIANTS = {
     "window-SSSL": lambda cfg, T: {"window_pattern": "SSSL", "short_window": max(1, T // 4)},
     "mla": lambda cfg, T: {"mla_latent_dim": cfg.dim // 2},
     "block-sparse": lambda cfg, T: {"block_sparse_top_k": 2, "block_size": max(1, T // 8)},
+    # the O(N) mixers (bench/mixers.py times them against attention across sequence lengths)
+    "ssm": lambda cfg, T: {"mixer": "ssm"},
+    "linear-attn": lambda cfg, T: {"mixer": "linear_attn"},
+    "rwkv": lambda cfg, T: {"mixer": "rwkv", "mlp": "rwkv"},
+    "hybrid": lambda cfg, T: {"layer_pattern": "ssm*3,attention"},
 }
 
 
