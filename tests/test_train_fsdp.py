@@ -12,8 +12,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from train_helpers import ENV1, MICRO, losses, metrics, token_files, train
+
+from smedjan.formats.checkpoint import load_checkpoint
 
 FLAGS = [a for a in MICRO if a not in ("--batch-size", "4")] + ["--steps", "6", "--checkpoint-every", "3",
                                                                   "--grad-accum", "2", "--grad-clip", "0.5"]
@@ -28,8 +31,8 @@ def torchrun(tool, *args, env: dict | None = None) -> subprocess.CompletedProces
 
 def test_fsdp_equals_one_process_resumes_anywhere_and_shards_optimizer_state(tmp_path_factory, tokenizer_path,
                                                                                tmp_path):
-    train_bin, _ = token_files(tmp_path_factory, tokenizer_path)
-    io = ["--dataset", train_bin, "--tokenizer", tokenizer_path]
+    train_bin, val_bin = token_files(tmp_path_factory, tokenizer_path)
+    io = ["--dataset", train_bin, "--tokenizer", tokenizer_path, "--val-dataset", val_bin, "--val-tokens", "256"]
     one, fs, ddp = tmp_path / "one", tmp_path / "fsdp", tmp_path / "ddp"
     nan = {"SMEDJAN_FAULT_NONFINITE_STEPS": "2"}  # step 2's loss is NaN: every rank must skip it
     res = train(*io, *FLAGS, "--batch-size", "4", "--checkpoint-dir", one, "--json", env=nan)
@@ -48,7 +51,14 @@ def test_fsdp_equals_one_process_resumes_anywhere_and_shards_optimizer_state(tmp
     # (rel 5e-5: a norm is a sum of squares over every gradient, so it shows the float32
     # reordering a little more than the loss; measured 1.1e-5 by step 4)
     assert nb == pytest.approx(na, rel=5e-5) and max(na) > 0.5
+    # evaluation runs the sharded model on every rank; best.bin and final.bin hold whole weights
+    va = [r["val_loss"] for r in metrics(one) if "val_loss" in r]
+    vb = [r["val_loss"] for r in metrics(fs) if "val_loss" in r]
+    assert len(va) == 2 and vb == pytest.approx(va, rel=1e-5)
     assert sorted(p.name for p in fs.iterdir()) == sorted(p.name for p in one.iterdir())
+    for f in ("final.bin", "best.bin"):
+        wa, wb = load_checkpoint(one / f).model_state(), load_checkpoint(fs / f).model_state()
+        assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
 
     # optimizer state per rank: FSDP about half of DDP's (the same run under DDP)
     proc = torchrun("train", *io, *FLAGS, "--batch-size", "2", "--steps", "3", "--checkpoint-dir", ddp, "--json")
@@ -132,7 +142,7 @@ def test_sft_runs_under_fsdp(tokenizer, tmp_path):
 
     from helpers import DATA
     from smedjan.formats import constants as C
-    from smedjan.formats.checkpoint import load_checkpoint, save_checkpoint
+    from smedjan.formats.checkpoint import save_checkpoint
     from smedjan.model import ModelConfig, Transformer
 
     cfg = ModelConfig.make(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, max_seq_len=96)
