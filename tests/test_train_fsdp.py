@@ -74,6 +74,8 @@ def test_fsdp_equals_one_process_resumes_anywhere_and_shards_optimizer_state(tmp
         bs = "4" if where == "one" else "2"
         r = run(*io, *FLAGS, "--batch-size", bs, "--resume", fs / "state_3.bin", "--checkpoint-dir", folder)
         assert (r.code if hasattr(r, "code") else r.returncode) == 0, r
+        err = r.err if hasattr(r, "err") else r.stderr
+        assert not [ln for ln in err.splitlines() if "changed flags" in ln and "fsdp" in ln]  # resume-free
         c = losses(folder)
         assert [c[s] for s in (4, 5, 6)] == pytest.approx([a[s] for s in (4, 5, 6)], rel=1e-5), where
     # and a one-process state resumes under FSDP

@@ -119,7 +119,8 @@ class RunOptions:
 
 # Flags that may change between a run and its resumption without a warning.
 RESUME_FREE = frozenset({"resume", "init", "device", "compile", "run", "sample_every", "peak_flops",
-                         "checkpoint_dir", "output", "gradient_checkpointing", "checkpoint_layers"})
+                         "checkpoint_dir", "output", "gradient_checkpointing", "checkpoint_layers",
+                         "fsdp"})  # FSDP: a state moves between --fsdp, DDP and one process
 
 
 @dataclass(kw_only=True)
