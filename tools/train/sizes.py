@@ -3,6 +3,7 @@
     smedjan sizes --vocab-size 8192
     smedjan sizes --vocab-size 8192 --dim 1024 --layers 16 --heads 16 --ffn-mult 4 --kv-heads 4   # adds a custom row
     smedjan sizes --depth 4 --depth 12 --depth 20                  # nanochat's dial: dim = depth x 64, heads of 128
+    smedjan sizes --gpus 8 --optimizer adamw --batch-size 8        # + memory per GPU under DDP and FSDP
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ def _human(n: float) -> str:
     "non-embedding parameters, and training FLOPs per token at --seq-len, as the model's parts count them (6 x "
     "matmul parameters including the output head, plus attention 12 x heads x head-dim x seq-len per layer; "
     "forward + backward). --depth D is nanochat's dial: D layers, dim = D x --aspect-ratio rounded up to a "
-    "multiple of --head-dim, heads = dim / head-dim."
+    "multiple of --head-dim, heads = dim / head-dim. --gpus N adds, per row, the training memory per GPU under "
+    "DDP and under FSDP (--fsdp): fp32 weights, fp32 gradients, --optimizer state (replicated by DDP, 1/N each "
+    "under FSDP) and an activation estimate for --batch-size sequences of --seq-len at --precision "
+    "(smedjan.training.memory)."
 ))
 @tool("sizes")
 def sizes(
@@ -44,6 +48,10 @@ def sizes(
         "--depth", help="A row for nanochat's depth dial at this depth (repeat for a series).")] = None,
     aspect_ratio: Annotated[int, typer.Option("--aspect-ratio", help="--depth rows: dim / depth.")] = 64,
     head_dim: Annotated[int, typer.Option("--head-dim", help="--depth rows: width of an attention head.")] = 128,
+    gpus: Annotated[Optional[int], typer.Option("--gpus", help="Add memory per GPU over N GPUs (DDP, FSDP).")] = None,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="--gpus: the optimizer whose state counts.")] = "adamw",
+    precision: Annotated[str, typer.Option("--precision", help="--gpus: bf16 or fp32 activations.")] = "bf16",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="--gpus: sequences per GPU per micro-batch.")] = 8,
     json: JsonOpt = False,
 ) -> None:
     import json as _json
@@ -65,6 +73,12 @@ def sizes(
              "kv_heads": c.attention.n_kv_heads, "head_dim": c.attention.head_dim, "ffn_hidden": c.ffn.hidden,
              "params": c.n_params(), "non_embedding_params": c.n_params(embedding=False),
              "train_flops_per_token": c.flops_per_token(seq_len)} for c in cfgs]
+    if gpus is not None:
+        from smedjan.training.memory import training_memory
+
+        for r, c in zip(rows, cfgs):
+            r["memory"] = training_memory(c, gpus=gpus, optimizer=optimizer, precision=precision,
+                                          batch=batch_size, seq_len=seq_len)
     if json:
         print(_json.dumps({"vocab_size": vocab_size, "seq_len": seq_len, "sizes": rows}), flush=True)
         return
@@ -74,6 +88,19 @@ def sizes(
               f"{r['train_flops_per_token']:.4g}"] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
     print(f"vocab {vocab_size}, FLOPs at seq-len {seq_len} (forward + backward)")
+    for line in [head, *table]:
+        print("  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(line, widths))))
+    if gpus is not None:
+        _print_memory(rows, gpus, optimizer, precision, batch_size, seq_len)
+
+
+def _print_memory(rows: list[dict], gpus: int, optimizer: str, precision: str, batch: int, seq_len: int) -> None:
+    gib = (lambda b: f"{b / 2**30:.2f}")
+    parts = ("weights", "grads", "optimizer", "activations", "total")
+    head = ["size", *[f"{m} {p}" for m in ("DDP", "FSDP") for p in parts]]
+    table = [[r["size"], *[gib(r["memory"][m][p]) for m in ("ddp", "fsdp") for p in parts]] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
+    print(f"\nGiB per GPU over {gpus} GPU(s): {optimizer}, {precision} activations of {batch} x {seq_len} tokens")
     for line in [head, *table]:
         print("  ".join(str(x).rjust(w) if i else str(x).ljust(w) for i, (x, w) in enumerate(zip(line, widths))))
 

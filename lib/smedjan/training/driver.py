@@ -152,10 +152,13 @@ def setup(o: RunOptions):
     """(DistContext, device, autocast dtype or None): the device (and DDP under torchrun) and
     the precision policy. On CUDA, matmuls left in float32 use TF32."""
     from smedjan.device import pick_device
-    from smedjan.training.dist import init_distributed
+    from smedjan.training.dist import env_world_size, init_distributed
 
     device = pick_device(o.device)
     check_device(levers_of(o), device, compiled=o.compile)
+    from smedjan.training.fsdp import check_fsdp
+
+    check_fsdp(o.fsdp, o.optimizer, env_world_size())  # before joining a process group or writing anything
     ctx = init_distributed(device)
     amp = None if o.bf16_matmul else precision_policy(o.precision, ctx.device)
     if ctx.device.type == "cuda":
@@ -185,16 +188,22 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
     min_ratio = o.final_lr_frac if o.final_lr_frac is not None else 0.1 if o.min_lr is None else o.min_lr / o.lr
     schedule = Schedule(o.lr_schedule, total_steps=steps, warmup=warmup, min_ratio=min_ratio, warmdown=o.warmdown)
     settings = optimizer_settings(o, cfg.dim, schedule, lr_scale or 1.0)
+    levers = levers_of(o)
+    kernels = None
+    if o.fsdp:  # FSDP (smedjan.training.fsdp): levers, then fully_shard, then the optimizer over the shards
+        from smedjan.training.fsdp import shard_model
+
+        kernels = apply_levers(model, levers, ctx.device, compiled=o.compile)
+        shard_model(model, ctx.device, amp)
     optimizer = build_optimizer(o.optimizer, param_groups(model, o.weight_decay), settings, device=ctx.device)
     run_config = {**dataclasses.asdict(o), **(run_config or {}), "steps": steps, "warmup": warmup}
-    levers = levers_of(o)
-    kernels = apply_levers(model, levers, ctx.device, compiled=o.compile)
+    kernels = kernels or apply_levers(model, levers, ctx.device, compiled=o.compile)
     tcfg = TrainerConfig(
         tool=tool, steps=steps, checkpoint_dir=ckpt_dir, checkpoint_every=o.checkpoint_every, keep=o.keep,
         final_path=final_path, grad_accum=o.grad_accum, grad_clip=o.grad_clip, max_bad_steps=o.max_bad_steps,
         eval_every=o.eval_every or 0, patience=o.patience, monitor=monitor, amp_dtype=amp, compile=o.compile,
         flops_per_token=flops_per_token, peak_flops=peak_flops if ctx.device.type == "cuda" else 0.0,
-        sample_every=getattr(o, "sample_every", 0), fault_steps=fault_steps)
+        sample_every=getattr(o, "sample_every", 0), fault_steps=fault_steps, fsdp=o.fsdp)
     trainer = Trainer(model, optimizer, schedule, source, loss_fn, tcfg, tokenizer=tok, model_config=cfg,
                       run_config=run_config, evaluator=evaluator, sampler=sampler, dist=ctx, loggers=loggers)
     if resumed is not None:

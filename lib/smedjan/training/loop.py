@@ -103,6 +103,7 @@ class TrainerConfig:
     peak_flops: float = 0.0  # per device; 0: MFU not shown
     handle_signals: bool = True
     fault_steps: frozenset = frozenset()  # tests and drills: make these steps' loss NaN (1-based)
+    fsdp: bool = False  # the model is sharded (smedjan.training.fsdp): no DDP, whole states gathered to save
 
 
 @dataclass
@@ -153,7 +154,7 @@ class Trainer:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.train_model: nn.Module = model
         self._ddp = None
-        if self.dist.enabled:
+        if self.dist.enabled and not cfg.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self._ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -232,6 +233,8 @@ class Trainer:
             batch = to_device(self.source.next_batch(), self.device)
             last = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if (last or self._ddp is None) else self._ddp.no_sync()
+            if cfg.fsdp:  # reduce-scatter the gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(last)
             with sync:
                 with self._autocast():
                     loss, metrics = self.loss_fn(self.train_model, batch)
@@ -246,6 +249,8 @@ class Trainer:
                     extra[k] = extra.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else float(v))
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=self.device)
+        # FSDP: the norm of sharded (DTensor) gradients is a DTensor of the global norm; clip with it
+        clip_norm, norm = norm, (norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         keys = sorted(extra)
         # One vector, one all-reduce, one host sync per step: loss, norm, stop flag, tokens, extras.
         vals = torch.stack([loss_sum / cfg.grad_accum, norm.to(vdtype),
@@ -259,7 +264,7 @@ class Trainer:
         finite = math.isfinite(loss_v) and math.isfinite(norm_v)
         if finite:
             if cfg.grad_clip > 0 and norm_v > cfg.grad_clip:
-                torch.nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip, norm, foreach=True)
+                torch.nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip, clip_norm, foreach=True)
             self.optimizer.step()
             self.bad_in_a_row = 0
         else:
@@ -282,6 +287,10 @@ class Trainer:
             rec["bad_step"] = True
         rec.update({k: v / W for k, v in zip(keys, extra_v)})
         rec.update(reported)
+        if self.step == 1 and self.dist.enabled:  # what this rank's optimizer holds (1/N under FSDP)
+            from smedjan.training.fsdp import optimizer_state_bytes
+
+            rec["optim_state_bytes"] = optimizer_state_bytes(self.optimizer)
         return rec
 
     # -------------------------------------------------------------- side jobs
@@ -298,26 +307,41 @@ class Trainer:
             if not self.best or mon < self.best[self.cfg.monitor]:
                 self.best = {"step": self.step, **out}
                 self.evals_since_best = 0
+                weights = self._model_state()  # a collective under FSDP
                 if self.writes:
-                    self._save_model(self.folder / "best.bin", {"best": self.best})
+                    self._save_model(self.folder / "best.bin", {"best": self.best}, weights)
             else:
                 self.evals_since_best += 1
         return out
 
-    def _save_model(self, path: Path, meta: dict) -> None:
-        save_checkpoint(path, self.model.state_dict(), kind=C.KIND_MODEL, config=self.model_config,
+    def _model_state(self) -> dict:
+        """The whole weights (FSDP: gathered to rank 0's CPU; every rank must call it)."""
+        if self.cfg.fsdp:
+            from smedjan.training.fsdp import full_model_state
+
+            return full_model_state(self.model)
+        return self.model.state_dict()
+
+    def _save_model(self, path: Path, meta: dict, weights: dict) -> None:
+        save_checkpoint(path, weights, kind=C.KIND_MODEL, config=self.model_config,
                         tokenizer=self.tokenizer,
                         meta={"tool": self.cfg.tool, "step": self.step, "run_config": self.run_config, **meta})
 
     def save_state(self) -> Path | None:
         """state_<step>.bin (rank 0 writes; every rank waits for it)."""
         path = None
+        whole = {}
+        if self.cfg.fsdp:  # gathered on every rank's call, kept by rank 0
+            from smedjan.training.fsdp import full_optimizer_state
+
+            whole = {"model_state": self._model_state(),
+                     "optimizer_state": full_optimizer_state(self.model, self.optimizer)}
         if self.writes:
             path = state_path(self.folder, self.step)
             save_train_state(path, model=self.model, optimizer=self.optimizer, model_config=self.model_config,
                              tokenizer=self.tokenizer, tool=self.cfg.tool, step=self.step,
                              trainer=self.trainer_state(), source=self.source.state_dict(),
-                             run_config=self.run_config, world_size=self.dist.world_size)
+                             run_config=self.run_config, world_size=self.dist.world_size, **whole)
             rotate_states(self.folder, self.step, self.cfg.keep)
             self.last_state = path
         self.dist.barrier()
@@ -427,10 +451,11 @@ class Trainer:
                     if saved_at != self.step:
                         self.save_state()
                 final = None
+                weights = self._model_state() if reason in ("done", "early_stop") and self.folder else None
                 if reason in ("done", "early_stop") and self.writes:
                     final = cfg.final_path or self.folder / "final.bin"
                     self._save_model(final, {"reason": reason, "best": self.best, "last_eval": last_eval,
-                                             "train_loss": last_rec.get("loss")})
+                                             "train_loss": last_rec.get("loss")}, weights)
                 self.dist.barrier()
         finally:
             if self._metrics is not None:

@@ -112,10 +112,15 @@ class RunOptions:
     fp8_recipe: str = option("tensorwise", "With --fp8: tensorwise (a scale per tensor; e5m2 gradients) or rowwise "
                                            "(a scale per row; more accurate, slower).")
 
+    # FSDP (smedjan.training.fsdp)
+    fsdp: bool = option(False, "Under torchrun: shard weights, gradients and optimizer state over the processes "
+                               "(FSDP2 fully_shard per block, ZeRO-3; Zhao et al. 2023) instead of replicating them "
+                               "(DDP, the default when off); adamw, adamw-cpu, sophia, muon.")
 
 # Flags that may change between a run and its resumption without a warning.
 RESUME_FREE = frozenset({"resume", "init", "device", "compile", "run", "sample_every", "peak_flops",
-                         "checkpoint_dir", "output", "gradient_checkpointing", "checkpoint_layers"})
+                         "checkpoint_dir", "output", "gradient_checkpointing", "checkpoint_layers",
+                         "fsdp"})  # FSDP: a state moves between --fsdp, DDP and one process
 
 
 @dataclass(kw_only=True)

@@ -99,9 +99,11 @@ def _index_names(optimizer: torch.optim.Optimizer) -> list[list[str]]:
     return names
 
 
-def optimizer_to_checkpoint(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors under `optim.state.`, JSON meta) of an optimizer built by smedjan.optim."""
-    sd = optimizer.state_dict()
+def optimizer_to_checkpoint(optimizer: torch.optim.Optimizer, sd: dict | None = None
+                            ) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors under `optim.state.`, JSON meta) of an optimizer built by smedjan.optim;
+    `sd`: its state dict when not optimizer.state_dict() (FSDP: gathered whole)."""
+    sd = optimizer.state_dict() if sd is None else sd
     flat_names = [n for names in _index_names(optimizer) for n in names]
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
@@ -140,7 +142,8 @@ def _check_param_state(path, name: str, st: dict, param: torch.Tensor, group: di
             raise UserError(f"{path}: optimizer state {name}.step is not a number (corrupt)")
 
 
-def optimizer_from_checkpoint(optimizer: torch.optim.Optimizer, ck: Checkpoint) -> None:
+def optimizer_from_checkpoint(optimizer: torch.optim.Optimizer, ck: Checkpoint, load=None) -> None:
+    """Restore `ck`'s optimizer state; `load(state, groups)` replaces optimizer.load_state_dict (FSDP)."""
     meta = ck.json("optimizer")
     if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list) or not all(
             isinstance(g, dict) for g in meta["param_groups"]) or not isinstance(meta.get("scalars", {}), dict):
@@ -175,7 +178,10 @@ def optimizer_from_checkpoint(optimizer: torch.optim.Optimizer, ck: Checkpoint) 
     state = {idx: per_name[name] for idx, name in enumerate(flat) if name in per_name}
     groups = [_restored_group(cur, sv, ck.path) for cur, sv in zip(current, saved)]
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        if load is None:
+            optimizer.load_state_dict({"state": state, "param_groups": groups})
+        else:
+            load(state, groups)
     except (ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"{ck.path}: optimizer state does not fit this model ({e})") from None
 
@@ -222,10 +228,12 @@ class LoadedState:
 
 def save_train_state(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      model_config, tokenizer, tool: str, step: int, trainer: dict, source: dict,
-                     run_config: dict, world_size: int = 1) -> None:
-    """Write the whole training state atomically (a crash mid-write leaves no state_N.bin)."""
-    tensors = dict(model.state_dict())
-    opt_tensors, opt_meta = optimizer_to_checkpoint(optimizer)
+                     run_config: dict, world_size: int = 1, model_state: dict | None = None,
+                     optimizer_state: dict | None = None) -> None:
+    """Write the whole training state atomically (a crash mid-write leaves no state_N.bin).
+    `model_state`/`optimizer_state`: the state dicts when not the modules' own (FSDP)."""
+    tensors = dict(model.state_dict() if model_state is None else model_state)
+    opt_tensors, opt_meta = optimizer_to_checkpoint(optimizer, optimizer_state)
     rng_tensors, rng_meta = capture_rng()
     tensors.update(opt_tensors)
     tensors.update(rng_tensors)
@@ -255,7 +263,18 @@ def load_model_weights(model: torch.nn.Module, ck: Checkpoint) -> None:
 
 
 def apply_train_state(st: LoadedState, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Restore weights, optimizer state and every RNG from a loaded state."""
+    """Restore weights, optimizer state and every RNG from a loaded state (into a model
+    sharded by smedjan.training.fsdp too: every rank reads the whole file and keeps its shard)."""
+    from smedjan.training import fsdp
+
+    if fsdp.is_sharded(model):
+        state = st.ck.model_state()
+        check_state_shapes(st.ck.path, state, model, "this model")
+        fsdp.load_full_model_state(model, state)
+        optimizer_from_checkpoint(optimizer, st.ck,
+                                  load=lambda s, g: fsdp.load_full_optimizer_state(model, optimizer, s, g))
+        restore_rng(st.ck)
+        return
     load_model_weights(model, st.ck)
     optimizer_from_checkpoint(optimizer, st.ck)
     restore_rng(st.ck)
