@@ -16,7 +16,7 @@ from helpers import assert_user_error, smedjan
 from train_helpers import MICRO, losses, metrics, token_files, train
 
 from smedjan.model import ModelConfig, Transformer
-from smedjan.model.moe import MoE, active_params, moe_layers, router_losses
+from smedjan.model.moe import MoE, active_params, moe_layers, recording, router_losses
 
 
 def cfg_of(**kw) -> ModelConfig:
@@ -58,7 +58,8 @@ def per_token(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 def test_sorted_dispatch_equals_a_per_token_loop(kw):
     moe = moe_of(**kw).train()
     x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
-    got = moe(x)
+    with recording([moe]):
+        got = moe(x)
     ref = per_token(moe, x)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
     # the gradients too (router through the gates, every expert through its slice)
@@ -88,7 +89,8 @@ def test_aux_loss_is_one_when_uniform_and_grows_when_collapsed(k):
     x[:, 0] = x[:, 0].abs() + 0.5  # feature 0 is positive everywhere
     with torch.no_grad():
         moe.router.weight.zero_()  # every probability 1/E: E x sum_i f_i / E = 1 whatever the choice
-    moe(x)
+    with recording([moe]):
+        moe(x)
     _, m = router_losses([moe])
     assert m["moe_aux_loss"].item() == pytest.approx(1.0, abs=1e-12)
     # balanced but confident: token n strongly prefers expert n mod E (equal shares)
@@ -96,13 +98,15 @@ def test_aux_loss_is_one_when_uniform_and_grows_when_collapsed(k):
         moe.router.weight.copy_(torch.eye(E, 16, dtype=torch.float64) * 40)
     xb = torch.zeros(64, 16, dtype=torch.float64)
     xb[torch.arange(64), torch.arange(64) % E] = 1.0
-    moe(xb)
+    with recording([moe]):
+        moe(xb)
     assert router_losses([moe])[1]["moe_aux_loss"].item() == pytest.approx(1.0, abs=1e-3)
     # collapsed: every token's first choice is expert 0 (probability ~1)
     with torch.no_grad():
         moe.router.weight.zero_()
         moe.router.weight[0, 0] = 50.0
-    moe(x)
+    with recording([moe]):
+        moe(x)
     aux = router_losses([moe])[1]["moe_aux_loss"].item()
     assert aux == pytest.approx(E / k, rel=1e-3)  # f_0 = 1 / K, P_0 = 1
     assert aux > 1.5
@@ -111,14 +115,17 @@ def test_aux_loss_is_one_when_uniform_and_grows_when_collapsed(k):
 def test_z_loss_is_the_mean_squared_logsumexp_and_losses_are_weighted():
     moe = moe_of(z_loss=0.003, moe_aux_loss=0.02).train()
     x = torch.randn(2, 9, 16, dtype=torch.float64)
-    moe(x)
-    moe(x[:1])  # two forwards of one loss (DPO's chosen and rejected): averaged
+    with recording([moe]):
+        moe(x)
+        moe(x[:1])  # two forwards of one loss (DPO's chosen and rejected): averaged
     total, m = router_losses([moe])
     zs = [torch.logsumexp(h.reshape(-1, 16) @ moe.router.weight.T, dim=-1).square().mean() for h in (x, x[:1])]
     z = sum(zs) / 2
     torch.testing.assert_close(m["moe_z_loss"], z, rtol=0, atol=1e-12)
     torch.testing.assert_close(total, 0.02 * m["moe_aux_loss"] + 0.003 * z, rtol=0, atol=1e-12)
     assert not moe.records  # consumed
+    moe(x)
+    assert not moe.records  # nothing is kept outside `recording` (benchmarks, recomputation)
     # loads: assignments per expert summed over both forwards, 27 tokens x K = 54 in all
     assert m["moe_load_min"] <= 54 / 4 <= m["moe_load_max"]
 
@@ -133,7 +140,8 @@ def test_capacity_drops_the_latest_tokens_in_training_only():
     assert bool((torch.softmax(x[0] @ moe.router.weight.T, -1).argmax(-1) == 0).all())
     dense = moe.eval()(x)  # evaluation: dropless
     torch.testing.assert_close(dense, per_token(moe, x), rtol=0, atol=1e-12)
-    y = moe.train()(x)  # capacity ceil(1.0 x 8 x 1 / 2) = 4 for expert 0: tokens 4..7 dropped
+    with recording([moe]):
+        y = moe.train()(x)  # capacity ceil(1.0 x 8 x 1 / 2) = 4 for expert 0: tokens 4..7 dropped
     torch.testing.assert_close(y[0, :4], dense[0, :4], rtol=0, atol=1e-12)
     assert bool((y[0, 4:] == 0).all())
     assert router_losses([moe])[1]["moe_dropped"].item() == 0.5
@@ -187,6 +195,17 @@ def test_flops_and_active_parameters_count_the_routed_experts():
     assert cfg.flops_per_token(8) - dense.flops_per_token(8) == 2 * 6 * 8 * D  # only the routers
     assert active_params(cfg) == dense.n_params() + 2 * 8 * D
     assert cfg.n_params() - active_params(cfg) == 2 * 6 * 3 * D * H  # the 6 idle experts of each layer
+
+
+def test_bench_variants_compare_moe_with_the_dense_model_of_equal_active_parameters():
+    from smedjan_tools.train.bench import VARIANTS, format_table
+
+    base = ModelConfig.from_preset("tiny", 8192, max_seq_len=128)
+    moe, dense = (base.replace(**VARIANTS[v](base, 128)) for v in ("moe-8x2", "moe-dense-equal"))
+    assert active_params(moe) - dense.n_params() == 4 * 8 * 128  # the routers: E x dim per layer
+    row = {"size": "tiny", "variant": "moe-8x2", "params": moe.n_params(), "active_params": active_params(moe),
+           "forward_tok_s": 1.0, "decode_tok_s": 1.0, "train_tok_s": 1.0}
+    assert "| tiny moe-8x2 · 7.61M (2.89M active) |" in format_table([row], cuda=False)
 
 
 def test_one_expert_is_the_dense_model():
@@ -272,3 +291,27 @@ def test_moe_trains_the_tiny_model_below_the_unigram_bound(tmp_path_factory, tok
     gen = smedjan("generate", "-c", out / "final.bin", "-p", "ROMEO:", "-n", "8", "--temperature", "0", "--json")
     assert gen.code == 0, gen
     assert json.loads(gen.out)["completions"][0]["completion_tokens"] >= 1
+
+
+@pytest.mark.slow
+def test_moe_under_ddp_equals_one_process(tmp_path_factory, tokenizer_path, tmp_path):
+    """The stacked experts take part in every step (DDP would stop on an unused parameter),
+    and two processes give one process's losses. The load-balancing loss is off here: f_i P_i
+    is computed per process (as Switch and Mixtral do), which is not the global batch's
+    product; the z-loss is a mean over tokens, which the processes' mean reproduces."""
+    from test_train_ddp import FLAGS, torchrun
+
+    train_bin, val_bin = token_files(tmp_path_factory, tokenizer_path)
+    flags = [*FLAGS, "--n-experts", "4", "--top-k-experts", "1", "--shared-experts", "1", "--moe-aux-loss", "0",
+             "--z-loss", "0.01", "--dataset", train_bin, "--val-dataset", val_bin, "--tokenizer", tokenizer_path,
+             "--checkpoint-every", "0", "--steps", "4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (res := train(*flags, "--batch-size", "4", "--checkpoint-dir", one)).code == 0, res
+    proc = torchrun(*flags, "--batch-size", "2", "--checkpoint-dir", two)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-5)
+    za = [r["moe_z_loss"] for r in metrics(one) if "loss" in r]
+    zb = [r["moe_z_loss"] for r in metrics(two) if "loss" in r]
+    assert zb == pytest.approx(za, rel=1e-5)

@@ -34,11 +34,14 @@ so the coefficients do not scale with depth.
 
     cfg = ModelConfig.make(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_experts=8, top_k_experts=2)
     moe = FEED_FORWARDS["moe"](cfg, layer=0)
-    y = moe(torch.randn(2, 16, 64))                # [2, 16, 64]; moe.records holds its router losses
+    with recording([moe]):
+        y = moe(torch.randn(2, 16, 64))            # [2, 16, 64]
+    extra, metrics = router_losses([moe])          # weighted aux + z-loss; moe_aux_loss, moe_load_min, ...
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -112,8 +115,10 @@ class MoE(FeedForward):
             self.shared_w1 = nn.Parameter(torch.empty(m.shared * H, D))
             self.shared_w3 = nn.Parameter(torch.empty(m.shared * H, D))
             self.shared_w2 = nn.Parameter(torch.empty(D, m.shared * H))
-        # Router statistics of each training forward since the last `with_router_losses` call:
-        # (aux loss, z-loss, tokens per expert [E], assignments dropped) per forward.
+        # Router statistics of each forward with gradients inside `recording` (the training
+        # loss): (aux loss, z-loss, tokens per expert [E], assignments dropped) per forward.
+        # Nothing is kept outside it (benchmarks, Sophia's Hessian estimate, recomputation).
+        self.recording = False
         self.records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def init_weights(self, init: Init) -> None:
@@ -169,7 +174,7 @@ class MoE(FeedForward):
         if self.cfg.shared:
             out = out + F.linear(self.kernels.swiglu(F.linear(h, self.shared_w1), F.linear(h, self.shared_w3)),
                                  self.shared_w2)
-        if self.training and torch.is_grad_enabled():
+        if self.recording and torch.is_grad_enabled():
             f = counts.to(probs.dtype) / (N * K)
             aux = E * (f * probs.mean(dim=0)).sum()
             z = torch.logsumexp(logits, dim=-1).square().mean()
@@ -195,14 +200,27 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
+@contextlib.contextmanager
+def recording(layers: list[MoE]):
+    """Record the router statistics of the forwards (with gradients) inside, for `router_losses`."""
+    for m in layers:
+        m.records.clear()
+        m.recording = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.recording = False
+
+
 def router_losses(layers: list[MoE]) -> tuple[torch.Tensor, dict]:
-    """(coefficient-weighted aux + z-loss, metrics) of the training forwards recorded since the
-    last call, which it clears. Metrics: `moe_aux_loss` and `moe_z_loss` (unweighted, mean over
+    """(coefficient-weighted aux + z-loss, metrics) of the forwards `recording` recorded,
+    which it clears. Metrics: `moe_aux_loss` and `moe_z_loss` (unweighted, mean over
     layers and forwards); `moe_load_min` / `moe_load_max`: the fewest / most assignments any
     expert of any MoE layer received (summed over the forwards; balanced: tokens x K / E);
     `moe_dropped`: the fraction of assignments capacity dropped (with `--moe-capacity`)."""
     recs = [(m, r) for m in layers for r in m.records]
-    assert recs, "router_losses: no MoE training forward since the last call"
+    assert recs, "router_losses: no MoE forward with gradients was recorded"
     aux = torch.stack([r[0] for _, r in recs]).mean()
     z = torch.stack([r[1] for _, r in recs]).mean()
     loads = torch.stack([sum(r[2] for r in m.records) for m in layers if m.records])  # [layers, E]
@@ -224,9 +242,8 @@ def with_router_losses(model: nn.Module, loss_fn: Callable) -> Callable:
         return loss_fn
 
     def wrapped(train_model, batch):
-        for m in layers:  # forwards outside a loss (Sophia's Hessian estimate, recomputation) do not count
-            m.records.clear()
-        loss, metrics = loss_fn(train_model, batch)
+        with recording(layers):
+            loss, metrics = loss_fn(train_model, batch)
         extra, logged = router_losses(layers)
         return loss + extra.to(loss.dtype), {**metrics, **logged}
 
