@@ -315,3 +315,89 @@ def test_moe_under_ddp_equals_one_process(tmp_path_factory, tokenizer_path, tmp_
     za = [r["moe_z_loss"] for r in metrics(one) if "loss" in r]
     zb = [r["moe_z_loss"] for r in metrics(two) if "loss" in r]
     assert zb == pytest.approx(za, rel=1e-5)
+
+
+# ------------------------------------------------------------------ export
+def routed_model(tokenizer, **kw) -> Transformer:
+    """A random MoE model whose router is decisive (scaled up), so float rounding in another
+    implementation cannot flip a token's choice of experts."""
+    cfg = ModelConfig.make(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=2, max_seq_len=64,
+                           preset="custom", n_experts=4, top_k_experts=2, **kw)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for m in moe_layers(model):
+            m.router.weight.mul_(50)
+    return model.eval()
+
+
+def test_export_gguf_runs_in_llama_cpp_with_mixtral_experts(tokenizer, tmp_path):
+    import llama_cpp
+    import numpy as np
+
+    from smedjan.export.gguf import export_gguf
+    from smedjan.formats import constants as C
+    from smedjan.formats.checkpoint import save_checkpoint
+
+    model = routed_model(tokenizer)
+    ck, out = tmp_path / "moe.bin", tmp_path / "moe.gguf"
+    save_checkpoint(ck, model.state_dict(), kind=C.KIND_MODEL, config=model.cfg, tokenizer=tokenizer)
+    export_gguf(ck, out, quant="f32")
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(out))
+    kv = {f.name: f.parts[f.data[0]].tolist() for f in r.fields.values() if f.data}
+    assert kv["llama.expert_count"] == [4] and kv["llama.expert_used_count"] == [2]
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in r.tensors}  # ggml order: fastest dimension first
+    assert shapes["blk.1.ffn_gate_exps.weight"] == (64, 256, 4) and shapes["blk.1.ffn_down_exps.weight"] == (256, 64, 4)
+    assert shapes["blk.0.ffn_gate_inp.weight"] == (64, 4)
+    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=2, verbose=False, logits_all=True, type_k=0, type_v=0)
+    ids = [tokenizer.bos_id] + list(range(300, 340))
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].double().numpy()
+        dense = Transformer(model.cfg.replace(top_k_experts=4))
+        dense.load_state_dict(model.state_dict())
+        other = dense.eval()(torch.tensor([ids]))[0].double().numpy()
+    err = np.abs(ours - theirs).max() / np.abs(ours).max()
+    assert err < 1e-4, err
+    assert np.abs(ours - other).max() / np.abs(ours).max() > 1e-2  # the routing matters at this tolerance
+
+
+def test_export_hf_writes_mixtral_that_transformers_runs(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from smedjan.export.hf_write import export_hf
+    from smedjan.export.load import load_source
+    from smedjan.formats import constants as C
+    from smedjan.formats.checkpoint import save_checkpoint
+
+    model = routed_model(tokenizer)
+    ck, out = tmp_path / "moe.bin", tmp_path / "hf"
+    save_checkpoint(ck, model.state_dict(), kind=C.KIND_MODEL, config=model.cfg, tokenizer=tokenizer)
+    summary = export_hf(load_source(ck), out)
+    assert summary["architecture"] == "MixtralForCausalLM"
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    ids = torch.tensor([[tokenizer.bos_id] + list(range(300, 340))])
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_exporters_refuse_what_they_cannot_express(tokenizer, tmp_path):
+    from smedjan.errors import UserError
+    from smedjan.export.gguf import export_gguf
+    from smedjan.formats import constants as C
+    from smedjan.formats.checkpoint import save_checkpoint
+
+    model = routed_model(tokenizer, shared_experts=1)
+    ck = tmp_path / "shared.bin"
+    save_checkpoint(ck, model.state_dict(), kind=C.KIND_MODEL, config=model.cfg, tokenizer=tokenizer)
+    with pytest.raises(UserError, match="not exportable to GGUF: --shared-experts"):
+        export_gguf(ck, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+    res = smedjan("export-hf", "-c", ck, "-o", tmp_path / "hf")
+    assert_user_error(res, "not exportable as a Hugging Face folder", "--shared-experts", "MixtralForCausalLM")
+    assert not (tmp_path / "hf").exists()

@@ -42,6 +42,7 @@ so the coefficients do not scale with depth.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -50,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smedjan.model.parts import MATRIX, External, FeedForward, Init, Unsupported, gguf_name
+from smedjan.model.parts import MATRIX, External, FeedForward, Init, Unsupported, gguf_name, hf_name
 
 if TYPE_CHECKING:
     from smedjan.model.config import ModelConfig
@@ -184,15 +185,29 @@ class MoE(FeedForward):
     # ---------------------------------------------------------------- export
     @classmethod
     def external(cls, cfg: "ModelConfig", layer: int, fmt: str) -> list[External]:
-        if fmt == "hf":
-            raise Unsupported("the feed-forward part 'moe' (--n-experts): LlamaForCausalLM has no experts")
+        """Mixtral's tensors: GGUF stacks the experts as we do ([E, H, D]: llama.cpp's
+        ffn_*_exps); HF (MixtralForCausalLM, transformers 4's layout, which 5 converts on
+        load) has one w1/w3/w2 per expert, sliced out of ours. Both route as we do (softmax,
+        top-k, renormalised); neither has a shared expert."""
         if cfg.moe.shared:
-            raise Unsupported("--shared-experts: llama.cpp's 'llama' experts have no shared expert")
+            raise Unsupported("--shared-experts: " + ("MixtralForCausalLM" if fmt == "hf" else "llama.cpp's 'llama' "
+                              "experts") + " has no shared expert")
+        if fmt == "hf":
+            out = [External("router.weight", hf_name(layer, "block_sparse_moe.gate.weight"))]
+            for e in range(cfg.moe.n_experts):
+                out += [External(w, hf_name(layer, f"block_sparse_moe.experts.{e}.{w}.weight"),
+                                 convert=functools.partial(_expert_slice, e)) for w in ("w1", "w3", "w2")]
+            return out
         from gguf import MODEL_TENSOR as T
 
         return [External("router.weight", gguf_name(T.FFN_GATE_INP, layer), f32=True),
                 External("w1", gguf_name(T.FFN_GATE_EXP, layer)), External("w3", gguf_name(T.FFN_UP_EXP, layer)),
                 External("w2", gguf_name(T.FFN_DOWN_EXP, layer))]
+
+
+def _expert_slice(e: int, w):
+    """Expert e's matrix of a stacked weight (torch or numpy)."""
+    return w[e]
 
 
 # ------------------------------------------------------------------ training
