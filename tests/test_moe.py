@@ -263,6 +263,12 @@ def test_moe_resumes_bit_for_bit_with_muon_state(tmp_path_factory, tokenizer_pat
 
     wa, wb = load_checkpoint(full / "final.bin").model_state(), load_checkpoint(part / "final.bin").model_state()
     assert wa["layers.0.ffn.w1"].shape == (4, 256, 32) and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the memory levers: a checkpointed block's recomputation routes as its forward did
+    levers = tmp_path / "levers"
+    res = train(*io, *flags, "--gradient-checkpointing", "--fused-ce", "--checkpoint-dir", levers)
+    assert res.code == 0, res
+    c = losses(levers)
+    assert [c[s] for s in sorted(c)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-5)
     rec = metrics(full)[-1]
     assert rec["moe_aux_loss"] >= 0.99 and rec["moe_z_loss"] > 0 and 0 <= rec["moe_dropped"] < 1
     assert 0 <= rec["moe_load_min"] <= 4 * 32 * 2 / 4 <= rec["moe_load_max"] <= 4 * 32  # 4 x 32 tokens, K = 2

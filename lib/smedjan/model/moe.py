@@ -175,11 +175,12 @@ class MoE(FeedForward):
         if self.cfg.shared:
             out = out + F.linear(self.kernels.swiglu(F.linear(h, self.shared_w1), F.linear(h, self.shared_w3)),
                                  self.shared_w2)
-        if self.recording and torch.is_grad_enabled():
-            f = counts.to(probs.dtype) / (N * K)
+        if torch.is_grad_enabled():  # also outside `recording`: a checkpointed block's recomputation
+            f = counts.to(probs.dtype) / (N * K)  # must save the tensors its forward saved
             aux = E * (f * probs.mean(dim=0)).sum()
             z = torch.logsumexp(logits, dim=-1).square().mean()
-            self.records.append((aux, z, counts.detach(), (counts - kept).sum().detach()))
+            if self.recording:
+                self.records.append((aux, z, counts.detach(), (counts - kept).sum().detach()))
         return out.to(x.dtype).reshape(shape)
 
     # ---------------------------------------------------------------- export
