@@ -169,7 +169,8 @@ class MoE(FeedForward):
         token = order // K  # [M] source token of each kept assignment, sorted by expert
         xs = h[token]  # [M, D]
         sizes = kept.tolist()
-        ys = torch.cat([self.expert(e, xe) for e, xe in enumerate(xs.split(sizes))])  # [M, D]
+        # [M, D]; idle experts are skipped (a decode step runs only K of them)
+        ys = torch.cat([self.expert(e, xe) for e, xe in enumerate(xs.split(sizes)) if sizes[e]])
         g = gates.reshape(-1)[order].to(ys.dtype)
         out = torch.zeros(N, shape[-1], dtype=ys.dtype, device=h.device).index_add_(0, token, ys * g[:, None])
         if self.cfg.shared:
