@@ -48,7 +48,7 @@ def per_token(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         best = sorted(range(E), key=lambda e: -float(p[e].detach()))[:K]
         total = sum(p[e] for e in best)
         y = sum(p[e] / total * swiglu(h, moe.w1[e], moe.w3[e], moe.w2[e]) for e in best)
-        if moe.cfg.shared:
+        if moe.settings.shared:
             y = y + swiglu(h, moe.shared_w1, moe.shared_w3, moe.shared_w2)
         out.append(y)
     return torch.stack(out).reshape(x.shape)

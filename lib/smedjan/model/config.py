@@ -223,6 +223,10 @@ class ModelConfig:
         mixers = sorted(set(self.layer_mixers()))
         parts = [f"dim {self.dim}", f"{self.n_layers} layers", f"{a.n_heads} heads ({a.n_kv_heads} kv, head dim "
                  f"{a.head_dim})", "+".join(mixers), self.ffn.kind]
+        if self.moe.enabled:
+            m = self.moe
+            parts.append(f"{m.n_experts} experts top-{m.top_k}" + (f" + {m.shared} shared" if m.shared else "")
+                         + (f", capacity {m.capacity:g}" if m.capacity else ""))
         if a.qk_norm:
             parts.append("qk-norm")
         if self.attention.window_pattern != "L" or a.sliding_window:

@@ -105,7 +105,7 @@ class MoE(FeedForward):
     def __init__(self, cfg: "ModelConfig", layer: int):
         super().__init__()
         m, D, H = cfg.moe, cfg.dim, cfg.ffn.hidden
-        self.cfg = m
+        self.settings = m  # the MoEConfig
         self.n_experts, self.top_k = m.n_experts, m.top_k
         # registration order is init order: router, experts, shared experts
         self.router = nn.Linear(D, m.n_experts, bias=False)
@@ -127,7 +127,7 @@ class MoE(FeedForward):
         init.normal_(self.w1)
         init.normal_(self.w3)
         init.resid_(self.w2)
-        if self.cfg.shared:
+        if self.settings.shared:
             init.normal_(self.shared_w1)
             init.normal_(self.shared_w3)
             init.resid_(self.shared_w2)
@@ -135,7 +135,7 @@ class MoE(FeedForward):
     def flops_per_token(self, seq_len: int) -> float:
         """The router plus the K routed and S shared experts a token runs (not the idle ones)."""
         E, H, D = self.w1.shape
-        return 6.0 * (E * D + (self.top_k + self.cfg.shared) * 3 * D * H)
+        return 6.0 * (E * D + (self.top_k + self.settings.shared) * 3 * D * H)
 
     # ---------------------------------------------------------------- forward
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,8 +160,8 @@ class MoE(FeedForward):
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert, token order within
         counts = torch.bincount(flat, minlength=E)  # [E]
         kept = counts
-        if self.training and self.cfg.capacity > 0:
-            cap = math.ceil(self.cfg.capacity * N * K / E)
+        if self.training and self.settings.capacity > 0:
+            cap = math.ceil(self.settings.capacity * N * K / E)
             starts = torch.cumsum(counts, 0) - counts
             rank = torch.arange(N * K, device=h.device) - starts.repeat_interleave(counts)  # place in its expert's run
             order = order[rank < cap]
@@ -173,7 +173,7 @@ class MoE(FeedForward):
         ys = torch.cat([self.expert(e, xe) for e, xe in enumerate(xs.split(sizes)) if sizes[e]])
         g = gates.reshape(-1)[order].to(ys.dtype)
         out = torch.zeros(N, shape[-1], dtype=ys.dtype, device=h.device).index_add_(0, token, ys * g[:, None])
-        if self.cfg.shared:
+        if self.settings.shared:
             out = out + F.linear(self.kernels.swiglu(F.linear(h, self.shared_w1), F.linear(h, self.shared_w3)),
                                  self.shared_w2)
         if torch.is_grad_enabled():  # also outside `recording`: a checkpointed block's recomputation
@@ -242,7 +242,7 @@ def router_losses(layers: list[MoE]) -> tuple[torch.Tensor, dict]:
     z = torch.stack([r[1] for _, r in recs]).mean()
     loads = torch.stack([sum(r[2] for r in m.records) for m in layers if m.records])  # [layers, E]
     dropped = sum(r[3] for _, r in recs)
-    c = layers[0].cfg
+    c = layers[0].settings
     metrics = {"moe_aux_loss": aux.detach(), "moe_z_loss": z.detach(), "moe_load_min": loads.min().float(),
                "moe_load_max": loads.max().float()}
     if c.capacity > 0:
