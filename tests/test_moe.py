@@ -232,7 +232,7 @@ def test_bad_moe_flags_are_one_line(flags, needle, tmp_path_factory, tokenizer_p
 
 @pytest.mark.parametrize("kw,needle", [
     ({"n_experts": 4, "moe_capacity": -1.0}, "`moe_capacity` -1.0 must be >= 0"),
-    ({"n_experts": 4, "shared_experts": -1}, "`shared_experts` -1 must be >= 0"),
+    ({"n_experts": 4, "shared_experts": -1}, "`shared_experts` -1 must be in [0, 64]"),
     ({"n_experts": 1, "top_k_experts": 2}, "`top_k_experts` need `n_experts` >= 2"),
     ({"n_experts": 4, "mlp": "relu2"}, "the experts are SwiGLU"),
     ({"n_experts": 2000}, "`n_experts` 2000 must be in [0, 1024]"),

@@ -77,7 +77,7 @@ class MoEConfig:
         checks = [(0 <= E <= 1024, f"`n_experts` {E} must be in [0, 1024] (0 or 1: a dense feed-forward)"),
                   (self.aux_loss >= 0, f"`moe_aux_loss` {self.aux_loss} must be >= 0"),
                   (self.z_loss >= 0, f"`z_loss` {self.z_loss} must be >= 0"),
-                  (self.shared >= 0, f"`shared_experts` {self.shared} must be >= 0"),
+                  (0 <= self.shared <= 64, f"`shared_experts` {self.shared} must be in [0, 64]"),
                   (self.capacity >= 0, f"`moe_capacity` {self.capacity} must be >= 0 (0: dropless)"),
                   ((ffn_kind == "moe") == self.enabled,
                    f"`n_experts` {E} needs the feed-forward part 'moe' (`mlp` {ffn_kind!r}: the experts are SwiGLU)"
