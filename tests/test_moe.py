@@ -230,6 +230,14 @@ def test_bad_moe_flags_are_one_line(flags, needle, tmp_path_factory, tokenizer_p
     assert not (tmp_path / "ck").exists()
 
 
+def test_help_documents_the_moe_flags_and_their_methods():
+    res = smedjan("train", "--help", env={"COLUMNS": "300"})
+    assert res.code == 0
+    for text in ("--n-experts", "--top-k-experts", "--shared-experts", "--moe-capacity", "--moe-aux-loss", "--z-loss",
+                 "Mixtral", "Switch Transformer", "ST-MoE", "DeepSeekMoE", "default 0.01", "default 0.001"):
+        assert text in res.out, text
+
+
 @pytest.mark.parametrize("kw,needle", [
     ({"n_experts": 4, "moe_capacity": -1.0}, "`moe_capacity` -1.0 must be >= 0"),
     ({"n_experts": 4, "shared_experts": -1}, "`shared_experts` -1 must be in [0, 64]"),
