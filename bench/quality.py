@@ -43,6 +43,10 @@ ROWS: dict[str, tuple[str, dict]] = {
     "muon": ("BEFORE", {"optimizer": "muon"}),
     "hybrid": ("BEFORE", {"optimizer": "hybrid", **HYBRID}),
     "recipe (tiny.toml)": ("RECIPE", {}),
+    # Mixture-of-Experts: 8 SwiGLU experts top-2 in every layer (2x the FFN FLOPs a token runs, 8x its
+    # FFN parameters), and the dense model of equal active parameters (FFN 2 x 512 wide)
+    "moe-8x2": ("BEFORE", {"n_experts": 8, "top_k_experts": 2}),
+    "moe-dense-equal": ("BEFORE", {"size": "custom", "dim": 128, "layers": 4, "heads": 4, "ffn_mult": 8.0}),
 }
 
 

@@ -28,6 +28,10 @@ VARIANTS = {
     "linear-attn": lambda cfg, T: {"mixer": "linear_attn"},
     "rwkv": lambda cfg, T: {"mixer": "rwkv", "mlp": "rwkv"},
     "hybrid": lambda cfg, T: {"layer_pattern": "ssm*3,attention"},
+    # Mixture-of-Experts, 8 experts top-2, against the dense model of equal active parameters
+    # (one SwiGLU as wide as the two experts a token runs; the router's E x dim aside)
+    "moe-8x2": lambda cfg, T: {"n_experts": 8, "top_k_experts": 2},
+    "moe-dense-equal": lambda cfg, T: {"ffn_hidden": 2 * cfg.ffn.hidden},
 }
 
 
@@ -36,7 +40,8 @@ def format_table(rows: list[dict], cuda: bool) -> str:
     head = ["Preset", "Inference (fwd)", "Decode (1 tok)", "Train (fwd+bwd+step)"] + (["MFU (train)"] if cuda else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{r['size']}{' ' + r['variant'] if r.get('variant') else ''} · {r['params'] / 1e6:.3g}M", f"{r['forward_tok_s']:,.0f} tok/s",
+        active = f" ({r['active_params'] / 1e6:.3g}M active)" if r.get("active_params", r["params"]) != r["params"] else ""
+        cells = [f"{r['size']}{' ' + r['variant'] if r.get('variant') else ''} · {r['params'] / 1e6:.3g}M{active}", f"{r['forward_tok_s']:,.0f} tok/s",
                  f"{r['decode_tok_s']:,.0f} tok/s", f"{r['train_tok_s']:,.0f} tok/s"]
         if cuda:
             cells.append(f"{100 * r['mfu']:.1f}%")
@@ -78,6 +83,7 @@ def bench(
     from smedjan.errors import UserError
     from smedjan.infer import decode_tokens_per_second
     from smedjan.model import PRESETS, ModelConfig
+    from smedjan.model.moe import active_params
     from smedjan.training.bench import SmedjanRunner, interleave, median
     from smedjan.training.driver import precision_policy
 
@@ -111,7 +117,8 @@ def bench(
         # decode: batch 1 with the KV cache, as `smedjan generate` runs (smedjan.infer; bench/decode.py
         # compares it with llama.cpp)
         decode = decode_tokens_per_second(runner.model, prompt_len=16, new_tokens=128, repeats=rounds, dtype=amp)
-        rows.append({"size": s, "variant": v, "params": cfg.n_params(), "batch_size": batch_size, "seq_len": seq_len,
+        rows.append({"size": s, "variant": v, "params": cfg.n_params(), "active_params": active_params(cfg),
+                     "batch_size": batch_size, "seq_len": seq_len,
                      "device": str(dev), "compiled": compile, "precision": "bf16" if amp else "fp32",
                      "forward_tok_s": fwd, "train_tok_s": tr,
                      "decode_tok_s": decode,

@@ -83,6 +83,7 @@ class Arch:
     ffn_text: str  # what its blocks have, for the refusal of any other feed-forward
     keys: Callable[..., np.ndarray | None]
     output_required: bool = False
+    ffn_also: tuple[str, ...] = ()  # other feed-forward kinds its blocks take (llama: Mixtral's experts)
 
 
 def _llama_keys(writer, cfg: ModelConfig) -> np.ndarray | None:
@@ -102,6 +103,9 @@ def _llama_keys(writer, cfg: ModelConfig) -> np.ndarray | None:
         writer.add_rope_scaling_factor(rope["scaling_factor"])
     if "orig_ctx" in rope:
         writer.add_rope_scaling_orig_ctx_len(rope["orig_ctx"])
+    if cfg.moe.enabled:  # Mixtral: softmax over the experts, top-k, renormalised (smedjan's routing)
+        writer.add_expert_count(cfg.moe.n_experts)
+        writer.add_expert_used_count(cfg.moe.top_k)
     return rope_freqs
 
 
@@ -130,7 +134,7 @@ def _arwkv7_keys(writer, cfg: ModelConfig) -> None:
     writer.add_token_shift_count(1)  # one shifted input per layer: the time mix's (SwiGLU has none)
 
 
-ARCHS = (Arch("llama", "attention", "swiglu", "only SwiGLU feed-forwards", _llama_keys),
+ARCHS = (Arch("llama", "attention", "swiglu", "only SwiGLU feed-forwards", _llama_keys, ffn_also=("moe",)),
          Arch("mamba2", "ssm", "none", "no feed-forward (train with --mlp none)", _mamba2_keys),
          Arch("arwkv7", "rwkv", "swiglu", "a SwiGLU feed-forward (train with --mlp swiglu; RWKV-7's own channel mix "
               "runs in llama.cpp's rwkv7, whose blocks normalise with LayerNorm, not smedjan's RMSNorm)",
@@ -155,7 +159,7 @@ def gguf_tensors(cfg: ModelConfig, where: str) -> list[External]:
     if arch is not None and arch.name == "llama" and r.active == "yarn" and (r.beta_fast, r.beta_slow) != (32.0, 1.0):
         raise UserError(f"{where}: model config yarn beta_fast/beta_slow = {r.beta_fast}/{r.beta_slow}: llama.cpp's "
                         "llama architecture uses 32/1 only")
-    if arch is not None and cfg.ffn.kind != arch.ffn:
+    if arch is not None and cfg.ffn.kind not in (arch.ffn, *arch.ffn_also):
         raise UserError(f"{where}: not exportable to GGUF: the feed-forward part {cfg.ffn.kind!r} (--mlp "
                         f"{cfg.ffn.kind}): llama.cpp's {arch.name} blocks have {arch.ffn_text}")
     try:

@@ -158,6 +158,16 @@ def config_to_hf(cfg: ModelConfig, tok, dtype: torch.dtype) -> dict:
                    "high_freq_factor": r.high_freq_factor,
                    "original_max_position_embeddings": r.original_max_seq_len or 8192}
     ids = special_ids(tok) if tok is not None else {}
+    if cfg.moe.enabled:  # Mixtral: Llama with experts routed as ours (softmax, top-k, renormalised)
+        return {**_llama_keys(cfg, ids, theta, scaling, dtype), "architectures": ["MixtralForCausalLM"],
+                "model_type": "mixtral", "num_local_experts": cfg.moe.n_experts,
+                "num_experts_per_tok": cfg.moe.top_k, "router_aux_loss_coef": cfg.moe.aux_loss,
+                "output_router_logits": False, "sliding_window": None}
+    return _llama_keys(cfg, ids, theta, scaling, dtype)
+
+
+def _llama_keys(cfg: ModelConfig, ids: dict, theta: float, scaling: dict | None, dtype: torch.dtype) -> dict:
+    a = cfg.attention
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

@@ -28,7 +28,7 @@ from smedjan.tokenizer.specials import special_ids
 
 
 def export_hf(src: ModelSource, out_dir: str | os.PathLike) -> dict:
-    """Write `src` as an HF LlamaForCausalLM folder; returns a summary."""
+    """Write `src` as an HF LlamaForCausalLM folder (MixtralForCausalLM with experts); returns a summary."""
     from smedjan.chat import CHAT_TEMPLATE
     from smedjan.tokenizer.hf import to_hf_tokenizer_json
 
@@ -42,8 +42,10 @@ def export_hf(src: ModelSource, out_dir: str | os.PathLike) -> dict:
         config = config_to_hf(cfg, tok, dtype)
     except Unsupported as e:
         raise UserError(f"{src.path}: not exportable as a Hugging Face folder: {e}") from None
-    names = {e.local: e.name for e in external_names(cfg, "hf")}
-    tensors = {names[k]: v.to(dtype).contiguous() for k, v in src.tensors.items()}
+    # one tensor each, or (MoE experts) a slice each of a stacked one: `convert`
+    tensors = {e.name: (e.convert(src.tensors[e.local]) if e.convert else src.tensors[e.local]).to(dtype).contiguous()
+               for e in external_names(cfg, "hf")}
+    assert len(tensors) >= len(src.tensors), "a tensor without an HF name"
     ids = special_ids(tok)
     inv = {i: s for s, i in tok.specials.items()}
     tok_config = {
@@ -74,7 +76,7 @@ def export_hf(src: ModelSource, out_dir: str | os.PathLike) -> dict:
             write_safetensors(f, tensors, md)
         for name, text in texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
-    return {"output": str(out_dir), "architecture": "LlamaForCausalLM", "dtype": DTYPE_NAMES[dtype],
+    return {"output": str(out_dir), "architecture": config["architectures"][0], "dtype": DTYPE_NAMES[dtype],
             "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
             "vocab_size": cfg.vocab_size, "tokenizer_fingerprint": tok.fingerprint,
             "chat_template": tok.has_chat_tokens}

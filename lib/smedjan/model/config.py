@@ -28,6 +28,7 @@ from smedjan.model.ffn import FFN_MULTIPLE, FFNConfig, ffn_hidden_for
 from smedjan.model.linear_attention import LinearAttnConfig
 from smedjan.model.mamba2 import SSMConfig
 from smedjan.model.mla import MLAConfig
+from smedjan.model.moe import MoEConfig
 from smedjan.model.parts import check
 from smedjan.model.rope import SCALINGS as ROPE_SCALINGS
 from smedjan.model.rwkv7 import RWKVConfig
@@ -62,10 +63,14 @@ FLAT: dict[str, tuple[str, str] | None] = {
     "ssm_state": ("ssm", "state"), "ssm_expand": ("ssm", "expand"), "ssm_head_dim": ("ssm", "head_dim"),
     "ssm_chunk": ("ssm", "chunk"), "linear_attn_chunk": ("linear_attn", "chunk"),
     "rwkv_head_dim": ("rwkv", "head_dim"), "rwkv_chunk": ("rwkv", "chunk"),
+    # Mixture-of-Experts
+    "n_experts": ("moe", "n_experts"), "top_k_experts": ("moe", "top_k"), "shared_experts": ("moe", "shared"),
+    "moe_capacity": ("moe", "capacity"), "moe_aux_loss": ("moe", "aux_loss"), "z_loss": ("moe", "z_loss"),
 }
 
 _NESTED = {"attention": AttentionConfig, "mla": MLAConfig, "block_sparse": BlockSparseConfig, "ffn": FFNConfig,
-           "rope": RopeConfig, "ssm": SSMConfig, "linear_attn": LinearAttnConfig, "rwkv": RWKVConfig}
+           "rope": RopeConfig, "ssm": SSMConfig, "linear_attn": LinearAttnConfig, "rwkv": RWKVConfig,
+           "moe": MoEConfig}
 MAX_DIM, MAX_LAYERS, MAX_VOCAB, MAX_CONTEXT = 1 << 16, 1024, 1 << 24, 1 << 24
 
 
@@ -90,6 +95,7 @@ class ModelConfig:
     ssm: SSMConfig = field(default_factory=SSMConfig)
     linear_attn: LinearAttnConfig = field(default_factory=LinearAttnConfig)
     rwkv: RWKVConfig = field(default_factory=RWKVConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     preset: str = "custom"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -123,6 +129,7 @@ class ModelConfig:
         self.mla.resolve(self.attention.head_dim)
         check(self.mla.validate(self.dim, self.attention.n_heads, self.attention.n_kv_heads))
         check(self.block_sparse.validate(self.max_seq_len))
+        check(self.moe.validate(self.ffn.kind))
         mixers = self.layer_mixers()
         self.rwkv.resolve(self.dim)
         for kind, checks in (("ssm", self.ssm.validate(self.dim)), ("linear_attn", self.linear_attn.validate()),
@@ -216,6 +223,10 @@ class ModelConfig:
         mixers = sorted(set(self.layer_mixers()))
         parts = [f"dim {self.dim}", f"{self.n_layers} layers", f"{a.n_heads} heads ({a.n_kv_heads} kv, head dim "
                  f"{a.head_dim})", "+".join(mixers), self.ffn.kind]
+        if self.moe.enabled:
+            m = self.moe
+            parts.append(f"{m.n_experts} experts top-{m.top_k}" + (f" + {m.shared} shared" if m.shared else "")
+                         + (f", capacity {m.capacity:g}" if m.capacity else ""))
         if a.qk_norm:
             parts.append("qk-norm")
         if self.attention.window_pattern != "L" or a.sliding_window:
@@ -317,6 +328,8 @@ def _route(flat: dict, dim: int | None = None) -> tuple[dict, dict[str, dict]]:
         top.setdefault("mixer", "mla")
     if nested.get("block_sparse", {}).get("top_k"):
         top.setdefault("mixer", "block_sparse")
+    if nested.get("moe", {}).get("n_experts", 0) > 1:
+        nested.setdefault("ffn", {}).setdefault("kind", "moe")
     return top, nested
 
 

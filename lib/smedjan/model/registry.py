@@ -15,6 +15,7 @@ from smedjan.model.ffn import NoFeedForward, ReLU2, SwiGLU
 from smedjan.model.linear_attention import LinearAttention
 from smedjan.model.mamba2 import Mamba2
 from smedjan.model.mla import MLA
+from smedjan.model.moe import MoE
 from smedjan.model.parts import FeedForward, Mixer
 from smedjan.model.rwkv7 import RWKV7, RWKVChannelMix
 
@@ -32,4 +33,5 @@ FEED_FORWARDS: dict[str, type[FeedForward]] = {
     "relu2": ReLU2,
     "rwkv": RWKVChannelMix,
     "none": NoFeedForward,
+    "moe": MoE,
 }

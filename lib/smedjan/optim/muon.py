@@ -13,7 +13,9 @@ A Muon update of a weight W (m x n, as stored: out x in) with gradient G:
    and W agree in sign (so decay never pushes against the update; nanochat).
 6. W <- W - lr x sqrt(max(1, m / n)) x O (the shape factor: Keller Jordan's Muon).
 
-Same-shape matrices are orthogonalised as one stacked batch. State is per parameter
+Same-shape matrices are orthogonalised as one stacked batch; a tensor of more than two
+dimensions is a stack of matrices over its last two (MoE experts [E, out, in]), each
+orthogonalised on its own. State is per parameter
 (`momentum_buffer`, `second_momentum_buffer`), so state_N.bin holds it by name. Under DDP
 every rank applies the same update to the all-reduced gradient (replicated, not sharded):
 identical to one process.
@@ -85,9 +87,14 @@ def second_moment_shape(m: int, n: int) -> tuple[int, int]:
     return (m, 1) if m >= n else (1, n)
 
 
-def as_matrix(p: torch.Tensor) -> torch.Tensor:
-    """A matrix view of a >= 2-D tensor: [out, everything else] (a conv filter's taps flatten)."""
-    return p.view(p.shape[0], -1)
+def matrix_shape(p: torch.Tensor) -> tuple[int, int]:
+    """The shape of each matrix of a >= 2-D tensor: its last two dimensions (leading ones stack matrices)."""
+    return tuple(p.shape[-2:])
+
+
+def moment_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """NorMuon's second-moment shape of a >= 2-D tensor (one per stacked matrix)."""
+    return (*p.shape[:-2], *second_moment_shape(*matrix_shape(p)))
 
 
 class MuonAdamW(Scheduled, torch.optim.Optimizer):
@@ -113,7 +120,7 @@ class MuonAdamW(Scheduled, torch.optim.Optimizer):
 
     def state_shape(self, key: str, param: torch.Tensor) -> tuple[int, ...]:
         if key == "second_momentum_buffer":  # NorMuon's per-neuron second moment
-            return second_moment_shape(*as_matrix(param).shape)
+            return moment_shape(param)
         return tuple(param.shape)
 
     def _muon(self, g: dict, params: list, grads: list, states: list) -> None:
@@ -122,29 +129,29 @@ class MuonAdamW(Scheduled, torch.optim.Optimizer):
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if g["normuon"] and "second_momentum_buffer" not in st:
-                st["second_momentum_buffer"] = torch.zeros(second_moment_shape(*as_matrix(p).shape),
-                                                           dtype=torch.float32, device=p.device)
+                st["second_momentum_buffer"] = torch.zeros(moment_shape(p), dtype=torch.float32, device=p.device)
         bufs = [st["momentum_buffer"] for st in states]
         torch._foreach_lerp_(bufs, grads, 1 - mom)
         updates = torch._foreach_lerp(grads, bufs, mom) if g["nesterov"] else bufs
         coeffs, safety, eps = ORTHOGONALIZERS[g["orthogonalizer"]]
         by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, p in enumerate(params):
-            by_shape[tuple(as_matrix(p).shape)].append(i)
+            by_shape[matrix_shape(p)].append(i)
         for (m, n), idx in by_shape.items():
             dev = params[idx[0]].device
-            U = torch.stack([updates[i].reshape(m, n) for i in idx])
+            U = torch.cat([updates[i].reshape(-1, m, n) for i in idx])  # [matrices, m, n]
             O = orthogonalize(U, coeffs, dtype=ORTH_DTYPES[g.get("orth_dtype", "auto")] or (
                 torch.bfloat16 if dev.type == "cuda" else None), safety=safety, eps=eps)
             if g["normuon"]:
-                V = torch.stack([states[i]["second_momentum_buffer"] for i in idx])
+                vs = [states[i]["second_momentum_buffer"].view(-1, *second_moment_shape(m, n)) for i in idx]
+                V = torch.cat(vs)
                 O = normuon(O, V, g["beta2"])
-                torch._foreach_copy_([states[i]["second_momentum_buffer"] for i in idx], list(V.unbind(0)))
+                torch._foreach_copy_(vs, list(V.split([v.shape[0] for v in vs])))
             if g["cautious"]:
-                G = torch.stack([grads[i].reshape(m, n) for i in idx])
+                G = torch.cat([grads[i].reshape(-1, m, n) for i in idx])
                 keep = (O * G > 0).to(O.dtype)
                 O = O * keep / keep.mean(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
-            P = [as_matrix(params[i]) for i in idx]
+            P = [w for i in idx for w in params[i].view(-1, m, n).unbind(0)]  # one view per matrix, O's order
             if wd:
                 if g["cautious_wd"]:
                     agree = (O * torch.stack(P)) >= 0

@@ -70,7 +70,10 @@ class SmedjanRunner:
         opt = build_optimizer("adamw", param_groups(self.model, 0.1), OptimizerSettings(), self.device)
         self.source = FixedBatches(cfg.vocab_size, batch_size, seq_len, seed=seed)
         tcfg = TrainerConfig(tool="bench", steps=1 << 62, handle_signals=False, compile=compile, amp_dtype=amp_dtype)
-        self.trainer = Trainer(self.model, opt, Schedule("wso", 1 << 62, 0), self.source, lm_loss, tcfg)
+        from smedjan.model.moe import with_router_losses
+
+        loss_fn = with_router_losses(self.model, lm_loss)  # as `fit` trains (MoE: + the router losses)
+        self.trainer = Trainer(self.model, opt, Schedule("wso", 1 << 62, 0), self.source, loss_fn, tcfg)
         self.amp_dtype = amp_dtype
         self._fwd = torch.compile(self.model) if compile else self.model  # rope cache filled by the Trainer
         self.x = self.source.batches[0][0].to(self.device)

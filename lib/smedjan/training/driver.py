@@ -204,6 +204,9 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
         eval_every=o.eval_every or 0, patience=o.patience, monitor=monitor, amp_dtype=amp, compile=o.compile,
         flops_per_token=flops_per_token, peak_flops=peak_flops if ctx.device.type == "cuda" else 0.0,
         sample_every=getattr(o, "sample_every", 0), fault_steps=fault_steps, fsdp=o.fsdp)
+    from smedjan.model.moe import with_router_losses
+
+    loss_fn = with_router_losses(model, loss_fn)  # MoE: + the router's load-balancing and z-losses
     trainer = Trainer(model, optimizer, schedule, source, loss_fn, tcfg, tokenizer=tok, model_config=cfg,
                       run_config=run_config, evaluator=evaluator, sampler=sampler, dist=ctx, loggers=loggers)
     if resumed is not None:

@@ -180,6 +180,22 @@ class ModelOptions:
                                  flag="--untied/--tied")
     max_seq_len: int | None = option(None, "Model context (RoPE tables). Default: --seq-len, or the checkpoint's.")
     yarn_scale: float = option(1.0, "Extend the context this many times with YaRN RoPE scaling (1 = off).")
+    # Mixture-of-Experts feed-forward (smedjan.model.moe)
+    n_experts: int | None = option(None, "Mixture-of-Experts: this many SwiGLU experts per feed-forward, each of the "
+                                         "FFN's width (Switch Transformer / Mixtral; 0 or 1, the default: a dense "
+                                         "feed-forward).")
+    top_k_experts: int | None = option(None, "MoE: experts per token, chosen by an fp32 softmax router whose top-K "
+                                             "scores are renormalised to sum to 1 (Mixtral; default 2).")
+    shared_experts: int | None = option(None, "MoE: always-on experts every token also runs (DeepSeekMoE; default "
+                                              "0).")
+    moe_capacity: float | None = option(None, "MoE capacity factor in training: each expert takes at most "
+                                              "ceil(F x tokens x K / E) tokens of a batch, later ones are dropped "
+                                              "(Switch Transformer; 1.25 is usual). 0, the default: dropless. "
+                                              "Evaluation and decoding are always dropless.")
+    moe_aux_loss: float | None = option(None, "MoE load-balancing loss coefficient: C x E x sum_i f_i P_i (Switch "
+                                              "Transformer; 1 when balanced; default 0.01).")
+    z_loss: float | None = option(None, "MoE router z-loss coefficient: C x mean logsumexp(router logits)^2 "
+                                        "(ST-MoE; default 0.001).")
 
 
 SHAPE_FLAGS = ("dim", "layers", "heads")
@@ -193,6 +209,9 @@ _TO_CONFIG = {"kv_heads": "n_kv_heads", "mlp": "mlp", "qk_norm": "qk_norm", "log
               "block_size": "block_size", "rope_theta": "rope_theta", "ssm_state": "ssm_state",
               "ssm_expand": "ssm_expand", "ssm_head_dim": "ssm_head_dim", "ssm_chunk": "ssm_chunk",
               "linear_attn_chunk": "linear_attn_chunk", "rwkv_head_dim": "rwkv_head_dim", "rwkv_chunk": "rwkv_chunk"}
+# Mixture-of-Experts flags -> their flat ModelConfig keywords (the same names)
+MOE_FLAGS = ("n_experts", "top_k_experts", "shared_experts", "moe_capacity", "moe_aux_loss", "z_loss")
+_TO_CONFIG.update({name: name for name in MOE_FLAGS})
 # Mixer flags: the part every layer gets.
 MIXER_FLAGS = {"ssm": "ssm", "linear_attn": "linear_attn", "rwkv": "rwkv"}
 # Attention settings that mean nothing to a model without attention layers.
@@ -230,12 +249,26 @@ def mixer_flags(o: ModelOptions, flat: dict) -> int | None:
     return period
 
 
+def moe_flags(o: ModelOptions, flat: dict) -> None:
+    """Refuse MoE settings without experts, and another feed-forward beside them."""
+    if (o.n_experts or 0) <= 1:
+        given = [f"`{n}`" for n in MOE_FLAGS[1:] if getattr(o, n) is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} need `n_experts` >= 2 (a Mixture-of-Experts feed-forward)")
+        flat.pop("n_experts", None)  # 0 or 1: the dense feed-forward, as without the flag
+    elif o.mlp not in (None, "swiglu", "moe"):
+        raise UserError(f"`n_experts` and `mlp` {o.mlp}: the experts are SwiGLU")
+    elif o.mlp is not None:
+        flat["mlp"] = "moe"
+
+
 def model_config(o: ModelOptions, vocab_size: int, max_seq_len: int) -> ModelConfig:
     """The config the architecture flags describe (see each field's help)."""
     flat = {cfg_key: getattr(o, name) for name, cfg_key in _TO_CONFIG.items() if getattr(o, name) is not None}
     if o.untied is not None:
         flat["tie_embeddings"] = not o.untied
     flat["max_seq_len"] = max_seq_len
+    moe_flags(o, flat)
     period = mixer_flags(o, flat)
     cfg = _shape(o, vocab_size, flat)
     if period is not None:
