@@ -175,6 +175,12 @@ class ModelOptions:
                                  flag="--untied/--tied")
     max_seq_len: int | None = option(None, "Model context (RoPE tables). Default: --seq-len, or the checkpoint's.")
     yarn_scale: float = option(1.0, "Extend the context this many times with YaRN RoPE scaling (1 = off).")
+    # Weight sharing (smedjan.model.sharing)
+    shared_layers: int | None = option(None, "Block-wise weight sharing (ALBERT; MobileLLM's block-wise repeat): "
+                                             "consecutive groups of N layers run one block's weights, N dividing "
+                                             "the layers (default 1: none). The blocks' parameters drop N times, "
+                                             "their compute does not; checkpoints and exports still hold every "
+                                             "layer's tensors.")
 
 
 SHAPE_FLAGS = ("dim", "layers", "heads")
@@ -187,7 +193,8 @@ _TO_CONFIG = {"kv_heads": "n_kv_heads", "mlp": "mlp", "qk_norm": "qk_norm", "log
               "mla_q_latent_dim": "mla_q_latent_dim", "block_sparse_top_k": "block_sparse_top_k",
               "block_size": "block_size", "rope_theta": "rope_theta", "ssm_state": "ssm_state",
               "ssm_expand": "ssm_expand", "ssm_head_dim": "ssm_head_dim", "ssm_chunk": "ssm_chunk",
-              "linear_attn_chunk": "linear_attn_chunk", "rwkv_head_dim": "rwkv_head_dim", "rwkv_chunk": "rwkv_chunk"}
+              "linear_attn_chunk": "linear_attn_chunk", "rwkv_head_dim": "rwkv_head_dim", "rwkv_chunk": "rwkv_chunk",
+              "shared_layers": "shared_layers"}
 # Mixer flags: the part every layer gets.
 MIXER_FLAGS = {"ssm": "ssm", "linear_attn": "linear_attn", "rwkv": "rwkv"}
 # Attention settings that mean nothing to a model without attention layers.
