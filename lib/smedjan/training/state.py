@@ -222,8 +222,9 @@ class LoadedState:
 
 def save_train_state(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      model_config, tokenizer, tool: str, step: int, trainer: dict, source: dict,
-                     run_config: dict, world_size: int = 1) -> None:
-    """Write the whole training state atomically (a crash mid-write leaves no state_N.bin)."""
+                     run_config: dict, world_size: int = 1, extra: tuple[dict, dict] = ({}, {})) -> None:
+    """Write the whole training state atomically (a crash mid-write leaves no state_N.bin).
+    `extra`: (tensors named `extra.*`, metadata) of what trains beside the model (the EMA)."""
     tensors = dict(model.state_dict())
     opt_tensors, opt_meta = optimizer_to_checkpoint(optimizer)
     rng_tensors, rng_meta = capture_rng()
@@ -231,6 +232,8 @@ def save_train_state(path: str | os.PathLike, *, model: torch.nn.Module, optimiz
     tensors.update(rng_tensors)
     meta = {"tool": tool, "step": step, "trainer": trainer, "source": source, "run_config": run_config,
             "optimizer": opt_meta, "rng": rng_meta, "world_size": world_size}
+    tensors.update(extra[0])
+    meta.update(extra[1])
     save_checkpoint(path, tensors, kind=C.KIND_TRAIN_STATE, config=model_config, tokenizer=tokenizer, meta=meta)
 
 
