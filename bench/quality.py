@@ -43,6 +43,15 @@ ROWS: dict[str, tuple[str, dict]] = {
     "muon": ("BEFORE", {"optimizer": "muon"}),
     "hybrid": ("BEFORE", {"optimizer": "hybrid", **HYBRID}),
     "recipe (tiny.toml)": ("RECIPE", {}),
+    # EMA, the regularisers and the curriculum (smedjan.training.regularisers, .curriculum),
+    # each over the recipe
+    "ema": ("RECIPE", {"ema_decay": 0.99}),
+    "dropout": ("RECIPE", {"dropout": 0.1}),
+    "stochastic-depth": ("RECIPE", {"stochastic_depth": 0.1}),
+    "noise": ("RECIPE", {"noise_scale": 1e-6}),
+    "shared-layers": ("RECIPE", {"shared_layers": 2}),
+    "freeze": ("RECIPE", {"freeze_fraction": 0.5}),
+    "curriculum": ("RECIPE", {"curriculum": 100}),
 }
 
 

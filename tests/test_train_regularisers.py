@@ -38,7 +38,7 @@ def one_thread():
 
 
 def micro_cfg(**kw) -> ModelConfig:
-    return ModelConfig.make(vocab_size=64, dim=16, n_layers=4, n_heads=2, max_seq_len=16, **kw)
+    return ModelConfig.make(vocab_size=64, dim=16, n_layers=4, n_heads=2, **{"max_seq_len": 16, **kw})
 
 
 # ------------------------------------------------------------------------------ EMA
@@ -374,3 +374,15 @@ def test_help_names_each_published_method():
     sft = CliRunner().invoke(app, ["sft", "--help"], env={"COLUMNS": "400"}).stdout
     assert all(f in sft for f in ("--ema-decay", "--dropout", "--stochastic-depth", "--noise-scale",
                                   "--freeze-fraction")) and "--curriculum" not in sft
+
+
+def test_bench_runner_trains_with_the_options_and_counts_the_curriculum_tokens():
+    from smedjan.training.bench import SmedjanRunner
+
+    cfg = micro_cfg(max_seq_len=32)
+    r = SmedjanRunner(cfg, 2, 32, options={"curriculum": 4, "ema_decay": 0.9, "freeze_fraction": 0.5})
+    r.train(4)
+    assert r.tokens_per_step == 2 * sum(length_at(t, 4, 32) for t in range(4)) // 4 == 2 * 14
+    assert r.trainer.extras.ema.updates == 4 and len(r.trainer.extras.frozen) == 2 * 9
+    r.forward(1)
+    assert r.tokens_per_step == 2 * 32
