@@ -47,6 +47,15 @@ ROWS: dict[str, tuple[str, dict]] = {
     # FFN parameters), and the dense model of equal active parameters (FFN 2 x 512 wide)
     "moe-8x2": ("BEFORE", {"n_experts": 8, "top_k_experts": 2}),
     "moe-dense-equal": ("BEFORE", {"size": "custom", "dim": 128, "layers": 4, "heads": 4, "ffn_mult": 8.0}),
+    # EMA, the regularisers and the curriculum (smedjan.training.regularisers, .curriculum),
+    # each over the recipe
+    "ema": ("RECIPE", {"ema_decay": 0.99}),
+    "dropout": ("RECIPE", {"dropout": 0.1}),
+    "stochastic-depth": ("RECIPE", {"stochastic_depth": 0.1}),
+    "noise": ("RECIPE", {"noise_scale": 1e-6}),
+    "shared-layers": ("RECIPE", {"shared_layers": 2}),
+    "freeze": ("RECIPE", {"freeze_fraction": 0.5}),
+    "curriculum": ("RECIPE", {"curriculum": 100}),
 }
 
 

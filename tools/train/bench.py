@@ -32,6 +32,18 @@ VARIANTS = {
     # (one SwiGLU as wide as the two experts a token runs; the router's E x dim aside)
     "moe-8x2": lambda cfg, T: {"n_experts": 8, "top_k_experts": 2},
     "moe-dense-equal": lambda cfg, T: {"ffn_hidden": 2 * cfg.ffn.hidden},
+    "shared-layers": lambda cfg, T: {"shared_layers": 2},
+}
+# EMA, the regularisers, the curriculum: rows of the same model trained with one training
+# option (smedjan.training.bench.SmedjanRunner's `options`); the forward and decode columns
+# are the plain model's (they act in training only).
+TRAINING_VARIANTS = {
+    "ema": {"ema_decay": 0.999},
+    "dropout": {"dropout": 0.1},
+    "stochastic-depth": {"stochastic_depth": 0.1},
+    "noise": {"noise_scale": 1e-6},
+    "freeze": {"freeze_fraction": 0.5},
+    "curriculum": {"curriculum": -1},  # -1: a warmup spanning the whole measurement (tok/s: its average)
 }
 
 
@@ -55,7 +67,8 @@ def format_table(rows: list[dict], cuda: bool) -> str:
     "Trainer step `smedjan train` runs) tokens/s of a preset at --batch-size x --seq-len (default 4 x 128, "
     "vocab 8192, random tokens). Reports the median of --rounds measurements of --steps steps each. "
     "--variant NAME (repeatable, or all) adds a row per architecture variant of each preset: "
-    + ", ".join(VARIANTS) + ". bench/train.py compares the same shapes against a plain PyTorch training loop "
+    + ", ".join(VARIANTS) + "; --variant NAME also takes a training option row: " + ", ".join(TRAINING_VARIANTS)
+    + ". bench/train.py compares the same shapes against a plain PyTorch training loop "
     "and transformers' LlamaForCausalLM."
 ))
 @tool("bench")
@@ -72,7 +85,8 @@ def bench(
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, mps (default: cuda > mps > cpu).")] = None,
     peak_flops: Annotated[float, typer.Option("--peak-flops", help="Peak FLOP/s for MFU on GPU (H100 bf16).")] = 989e12,
     variant: Annotated[list[str], typer.Option("--variant", help="Architecture variant rows: " + ", ".join(VARIANTS)
-                                               + " or all (repeatable; default: none).")] = [],  # noqa: B006
+                                               + "; training option rows: " + ", ".join(TRAINING_VARIANTS)
+                                               + "; or all (repeatable; default: none).")] = [],  # noqa: B006
     json: JsonOpt = False,
 ) -> None:
     import json as _json
@@ -92,10 +106,10 @@ def bench(
             raise UserError(f"--size {s!r} is not a preset ({', '.join(PRESETS)})")
     if min(batch_size, seq_len, steps, rounds) < 1:
         raise UserError("--batch-size, --seq-len, --steps and --rounds must be >= 1")
-    names = list(VARIANTS) if "all" in variant else variant
-    unknown = [v for v in names if v not in VARIANTS]
+    names = [*VARIANTS, *TRAINING_VARIANTS] if "all" in variant else variant
+    unknown = [v for v in names if v not in VARIANTS and v not in TRAINING_VARIANTS]
     if unknown:
-        raise UserError(f"--variant {unknown[0]!r} is not one of {', '.join(VARIANTS)} or all")
+        raise UserError(f"--variant {unknown[0]!r} is not one of {', '.join([*VARIANTS, *TRAINING_VARIANTS])} or all")
     dev = pick_device(device)
     amp = precision_policy(precision, dev)
     if dev.type == "cuda":
@@ -105,12 +119,15 @@ def bench(
     for s in size:
         base = ModelConfig.from_preset(s, vocab_size, max_seq_len=seq_len)
         runs.append((s, None, base))
-        runs += [(s, v, base.replace(**VARIANTS[v](base, seq_len))) for v in names]
+        runs += [(s, v, base.replace(**VARIANTS[v](base, seq_len)) if v in VARIANTS else base) for v in names]
     for s, v, cfg in runs:
         label = s + (f" {v}" if v else "")
         log(f"{label}: {cfg.n_params():,} parameters, batch {batch_size} x {seq_len} on {dev}"
             f"{' (bf16 autocast)' if amp else ''}{', compiled' if compile else ''}; threads {torch.get_num_threads()}")
-        runner = SmedjanRunner(cfg, batch_size, seq_len, dev, compile=compile, amp_dtype=amp)
+        options = dict(TRAINING_VARIANTS.get(v, {}))
+        if options.get("curriculum") == -1:
+            options["curriculum"] = (steps + 2) * rounds  # interleave's 2 warm-up steps, then the rounds
+        runner = SmedjanRunner(cfg, batch_size, seq_len, dev, compile=compile, amp_dtype=amp, options=options)
         with progress(f"bench {label}", total=rounds) as bar:
             res = interleave({s: runner}, rounds=rounds, steps=steps, on_round=lambda r: bar.update(completed=r))
         fwd, tr = median(res[s]["forward"]), median(res[s]["train"])

@@ -96,6 +96,9 @@ class ModelConfig:
     linear_attn: LinearAttnConfig = field(default_factory=LinearAttnConfig)
     rwkv: RWKVConfig = field(default_factory=RWKVConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # Block-wise weight sharing: consecutive groups of this many layers run one block's
+    # weights (1: none; smedjan.model.sharing).
+    shared_layers: int = 1
     preset: str = "custom"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -146,6 +149,9 @@ class ModelConfig:
                (self.ffn.kind != "rwkv" or set(mixers) == {"rwkv"},
                 "--mlp rwkv (RWKV-7's channel mixing) keeps its token shift in the rwkv layer's state: every layer "
                 "must be rwkv (hybrids take --mlp swiglu or relu2)")])
+        from smedjan.model import sharing
+
+        check(sharing.checks(self))
 
     # ------------------------------------------------------------------ layers
     def layer_mixers(self) -> list[str]:
@@ -233,6 +239,8 @@ class ModelConfig:
             parts.append(f"windows {[self.window(i) for i in range(self.n_layers)]}")
         if self.logit_softcap:
             parts.append(f"softcap {self.logit_softcap:g}")
+        if self.shared_layers > 1:
+            parts.append(f"blocks shared by {self.shared_layers} layers")
         parts.append("tied" if self.tie_embeddings else "untied")
         return ", ".join(parts)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smedjan.kernels import KernelUser
+from smedjan.model import sharing
 from smedjan.model.config import ModelConfig
 from smedjan.model.parts import EMBEDDING, HEAD, NORM, Context, Init, LayerState
 from smedjan.model.registry import FEED_FORWARDS, MIXERS
@@ -66,6 +67,11 @@ class Block(nn.Module):
         return {"mixer_norm.weight": NORM, **_prefixed("mixer.", self.mixer.param_roles()), **ffn}
 
 
+def _check_shared_copies(module, state_dict, prefix, *args) -> None:
+    ours = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    sharing.check_copies(ours, module.cfg, "the state to load")
+
+
 class ModelState:
     """Decode state of every layer for `batch` rows of up to `max_len` positions."""
 
@@ -83,7 +89,10 @@ class Transformer(KernelUser, nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i, m) for i, m in enumerate(cfg.layer_mixers()))
+        # --shared-layers N: a group of N layers is one Block object (smedjan.model.sharing)
+        self.layers = nn.ModuleList(sharing.build_layers(cfg, lambda i, m: Block(cfg, i, m)))
+        if cfg.shared_layers > 1:
+            self.register_load_state_dict_pre_hook(_check_shared_copies)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied: logits use the embedding matrix, so there is no separate head parameter
         # (and safetensors never sees two names for one storage).
@@ -97,7 +106,7 @@ class Transformer(KernelUser, nn.Module):
         gains 1. Draws follow the parameters' order, so a seed fixes the weights."""
         init = Init(self.cfg.n_layers, seed)
         init.normal_(self.tok_embeddings.weight)
-        for block in self.layers:
+        for _, block in sharing.first_uses(self.layers):
             init.fill_(block.mixer_norm.weight, 1.0)
             block.mixer.init_weights(init)
             if block.ffn_norm is not None:
@@ -110,7 +119,7 @@ class Transformer(KernelUser, nn.Module):
     def param_roles(self) -> dict[str, str]:
         """Parameter name -> optimizer role (matrix, embedding, head, norm, scalar, ...)."""
         roles = {"tok_embeddings.weight": EMBEDDING}
-        for i, block in enumerate(self.layers):
+        for i, block in sharing.first_uses(self.layers):
             roles.update(_prefixed(f"layers.{i}.", block.param_roles()))
         roles["norm.weight"] = NORM
         if self.output is not None:

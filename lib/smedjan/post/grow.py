@@ -50,6 +50,8 @@ def grown_config(src: ModelConfig, size: str | None = None, dim: int | None = No
     """The target config: a preset's shape, or custom dims (unset ones keep the source's);
     everything else (vocabulary, RoPE, tying, parts) from the source; norm_eps scaled by d/d'."""
     a = src.attention
+    if src.shared_layers > 1:  # its layers are one block: new layers would have to be copies too
+        raise UserError(f"a model with --shared-layers {src.shared_layers} cannot be grown")
     if size is None:
         size = "custom"
     if size != "custom":

@@ -53,6 +53,10 @@ class FixedBatches:
         self.i += 1
         return b
 
+    @property
+    def step(self) -> int:  # batches drawn, as the Loader's (the curriculum reads it)
+        return self.i
+
     def state_dict(self) -> dict:
         return {"i": self.i}
 
@@ -62,29 +66,43 @@ class FixedBatches:
 
 class SmedjanRunner:
     def __init__(self, cfg: ModelConfig, batch_size: int, seq_len: int, device: torch.device | str = "cpu",
-                 compile: bool = False, amp_dtype: torch.dtype | None = None, seed: int = 0):
+                 compile: bool = False, amp_dtype: torch.dtype | None = None, seed: int = 0,
+                 options: dict | None = None):
+        """`options`: training options of `Regularisers` (ema_decay, dropout, ...) and
+        `curriculum` (warmup steps), as the flags of the same names."""
+        from smedjan.training.curriculum import CurriculumSource
+        from smedjan.training.regularisers import Regularisers, prepare
+
+        options = dict(options or {})
+        curriculum = options.pop("curriculum", 0)
         self.device = torch.device(device)
         self.tokens_per_step = batch_size * seq_len
         torch.manual_seed(seed)
         self.model = Transformer(cfg).to(self.device)
+        extras = prepare(self.model, Regularisers(seed=seed, **options), cfg)
         opt = build_optimizer("adamw", param_groups(self.model, 0.1), OptimizerSettings(), self.device)
+        extras.wrap(self.model)
         self.source = FixedBatches(cfg.vocab_size, batch_size, seq_len, seed=seed)
+        source = CurriculumSource(self.source, curriculum, seq_len, 1) if curriculum else self.source
         tcfg = TrainerConfig(tool="bench", steps=1 << 62, handle_signals=False, compile=compile, amp_dtype=amp_dtype)
         from smedjan.model.moe import with_router_losses
 
         loss_fn = with_router_losses(self.model, lm_loss)  # as `fit` trains (MoE: + the router losses)
-        self.trainer = Trainer(self.model, opt, Schedule("wso", 1 << 62, 0), self.source, loss_fn, tcfg)
+        self.trainer = Trainer(self.model, opt, Schedule("wso", 1 << 62, 0), source, loss_fn, tcfg, extras=extras)
         self.amp_dtype = amp_dtype
         self._fwd = torch.compile(self.model) if compile else self.model  # rope cache filled by the Trainer
         self.x = self.source.batches[0][0].to(self.device)
 
     def train(self, n: int) -> float:
+        tokens = self.trainer.tokens
         _sync(self.device)
         t = time.perf_counter()
         for _ in range(n):
             self.trainer.train_step()  # ends with a host sync (loss, grad norm)
         _sync(self.device)
-        return time.perf_counter() - t
+        secs = time.perf_counter() - t
+        self.tokens_per_step = (self.trainer.tokens - tokens) // n  # fewer than B x T under a curriculum
+        return secs
 
     def forward(self, n: int) -> float:
         ctx = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
@@ -96,6 +114,7 @@ class SmedjanRunner:
                 for _ in range(n):
                     self._fwd(self.x)
                 _sync(self.device)
+                self.tokens_per_step = self.x.numel()
                 return time.perf_counter() - t
         finally:
             self.model.train()

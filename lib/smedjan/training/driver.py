@@ -27,6 +27,8 @@ from smedjan.console import log, warn
 from smedjan.errors import UserError
 from smedjan.training.levers import apply_levers, check_device, levers_of
 from smedjan.training.options import RESUME_FREE, RunOptions
+from smedjan.training.regularisers import prepare as prepare_regularisers
+from smedjan.training.regularisers import regularisers_of
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -71,6 +73,7 @@ def check_run(o: RunOptions) -> None:
                             "`final_lr_frac`")
     check_settings(name, optimizer_settings(o))
     levers_of(o)
+    regularisers_of(o)
 
 
 def optimizer_settings(o: RunOptions, width: int = 768, lr_schedule=None, lr_scale: float = 1.0):
@@ -188,6 +191,7 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
     min_ratio = o.final_lr_frac if o.final_lr_frac is not None else 0.1 if o.min_lr is None else o.min_lr / o.lr
     schedule = Schedule(o.lr_schedule, total_steps=steps, warmup=warmup, min_ratio=min_ratio, warmdown=o.warmdown)
     settings = optimizer_settings(o, cfg.dim, schedule, lr_scale or 1.0)
+    extras = prepare_regularisers(model, regularisers_of(o), cfg)  # freezes before the optimizer sees the weights
     levers = levers_of(o)
     kernels = None
     if o.fsdp:  # FSDP (smedjan.training.fsdp): levers, then fully_shard, then the optimizer over the shards
@@ -198,6 +202,7 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
     optimizer = build_optimizer(o.optimizer, param_groups(model, o.weight_decay), settings, device=ctx.device)
     run_config = {**dataclasses.asdict(o), **(run_config or {}), "steps": steps, "warmup": warmup}
     kernels = kernels or apply_levers(model, levers, ctx.device, compiled=o.compile)
+    extras.wrap(model)  # dropout, drop-path: around the levers' blocks
     tcfg = TrainerConfig(
         tool=tool, steps=steps, checkpoint_dir=ckpt_dir, checkpoint_every=o.checkpoint_every, keep=o.keep,
         final_path=final_path, grad_accum=o.grad_accum, grad_clip=o.grad_clip, max_bad_steps=o.max_bad_steps,
@@ -208,7 +213,8 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
 
     loss_fn = with_router_losses(model, loss_fn)  # MoE: + the router's load-balancing and z-losses
     trainer = Trainer(model, optimizer, schedule, source, loss_fn, tcfg, tokenizer=tok, model_config=cfg,
-                      run_config=run_config, evaluator=evaluator, sampler=sampler, dist=ctx, loggers=loggers)
+                      run_config=run_config, evaluator=evaluator, sampler=sampler, dist=ctx, loggers=loggers,
+                      extras=extras)
     if resumed is not None:
         trainer.resume(resumed)
         changed = [f"`{k}` {resumed.run_config.get(k)!r} -> {v!r}" for k, v in run_config.items()
@@ -229,6 +235,8 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
                           for g in optimizer.param_groups)
         log(f"optimizer: {o.optimizer} ({rates})" + (f"; {optimizer.note}" if hasattr(optimizer, "note") else ""))
         log(f"levers: {levers.describe() or 'none'}; kernels: {kernels.name}")
+        if extras.describe():
+            log(f"regularisers: {extras.describe()}")
     try:
         result = trainer.fit()
     finally:

@@ -39,6 +39,9 @@ What the Trainer does for all of them:
   A second signal aborts at once (atomic writes still leave no partial file).
 - `resume(path)`: restores everything; the continued run repeats the uninterrupted
   run's losses bit for bit (same device, threads and flags).
+- optional `extras` (`smedjan.training.regularisers.Extras`): gradient noise after the
+  clip, the EMA update after the optimizer step; validation, best.bin and final.bin see
+  the EMA's weights; its averages go into every state.
 
     trainer = Trainer(model, opt, Schedule("cosine", 1000, 100), loader, lm_loss,
                       TrainerConfig(tool="train", steps=1000, checkpoint_dir=Path("ckpt")),
@@ -67,6 +70,7 @@ from smedjan.formats import constants as C
 from smedjan.formats.checkpoint import save_checkpoint
 from smedjan.training.dist import DistContext
 from smedjan.training.files import MetricsLog, clean_stale_temps, hold_run_folder, rotate_states
+from smedjan.training.regularisers import Extras
 from smedjan.training.state import (LoadedState, apply_train_state, config_diff, list_states, read_train_state,
                                     save_train_state, state_path)
 
@@ -142,13 +146,15 @@ class Trainer:
                  source: BatchSource, loss_fn: LossFn, cfg: TrainerConfig, *, tokenizer=None, model_config=None,
                  run_config: dict | None = None, evaluator: Callable[[nn.Module], dict] | None = None,
                  sampler: Callable[[nn.Module, int], str] | None = None, dist: DistContext | None = None,
-                 loggers: tuple = ()):
+                 loggers: tuple = (), extras=None):
         assert cfg.steps >= 0 and cfg.grad_accum >= 1 and cfg.max_bad_steps >= 1
         self.model, self.optimizer, self.schedule = model, optimizer, schedule
         self.source, self.loss_fn, self.cfg = source, loss_fn, cfg
         self.tokenizer, self.model_config = tokenizer, model_config
         self.run_config = run_config or {}
         self.evaluator, self.sampler, self.loggers = evaluator, sampler, loggers
+        # EMA, gradient noise (smedjan.training.regularisers.Extras; no-ops by default)
+        self.extras = extras if extras is not None else Extras()
         self.dist = dist or DistContext(device=next(model.parameters()).device)
         self.device = next(model.parameters()).device
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -200,6 +206,7 @@ class Trainer:
             raise UserError(f"{path}: is at step {st.step}, past this run's {self.cfg.steps} steps; raise --steps")
         self.source.load_state_dict(st.source)
         apply_train_state(st, self.model, self.optimizer)
+        self.extras.load(st.ck)
         t = st.trainer
         try:
             self.step, self.bad_total, self.bad_in_a_row = int(t["step"]), int(t["bad_total"]), int(t["bad_in_a_row"])
@@ -265,7 +272,9 @@ class Trainer:
         if finite:
             if cfg.grad_clip > 0 and norm_v > cfg.grad_clip:
                 torch.nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip, clip_norm, foreach=True)
+            self.extras.before_update(self.params, step)
             self.optimizer.step()
+            self.extras.after_update()
             self.bad_in_a_row = 0
         else:
             self.bad_total += 1
@@ -296,6 +305,10 @@ class Trainer:
     # -------------------------------------------------------------- side jobs
     def evaluate(self) -> dict:
         assert self.evaluator is not None
+        with self.extras.final_weights():  # validation and best.bin see the EMA's weights, if any
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         self.model.eval()
         try:
             with torch.no_grad(), self._autocast():
@@ -341,7 +354,8 @@ class Trainer:
             save_train_state(path, model=self.model, optimizer=self.optimizer, model_config=self.model_config,
                              tokenizer=self.tokenizer, tool=self.cfg.tool, step=self.step,
                              trainer=self.trainer_state(), source=self.source.state_dict(),
-                             run_config=self.run_config, world_size=self.dist.world_size, **whole)
+                             run_config=self.run_config, world_size=self.dist.world_size, **whole,
+                             extra=self.extras.state())
             rotate_states(self.folder, self.step, self.cfg.keep)
             self.last_state = path
         self.dist.barrier()
@@ -451,11 +465,14 @@ class Trainer:
                     if saved_at != self.step:
                         self.save_state()
                 final = None
-                weights = self._model_state() if reason in ("done", "early_stop") and self.folder else None
-                if reason in ("done", "early_stop") and self.writes:
-                    final = cfg.final_path or self.folder / "final.bin"
-                    self._save_model(final, {"reason": reason, "best": self.best, "last_eval": last_eval,
-                                             "train_loss": last_rec.get("loss")}, weights)
+                if reason in ("done", "early_stop") and self.folder:
+                    # final.bin holds the EMA's weights, if any (inside: the state dict aliases them)
+                    with self.extras.final_weights():
+                        weights = self._model_state()  # a collective under FSDP
+                        if self.writes:
+                            final = cfg.final_path or self.folder / "final.bin"
+                            self._save_model(final, {"reason": reason, "best": self.best, "last_eval": last_eval,
+                                                     "train_loss": last_rec.get("loss")}, weights)
                 self.dist.barrier()
         finally:
             if self._metrics is not None:

@@ -111,6 +111,25 @@ class RunOptions:
                               "stay bf16/fp32.")
     fp8_recipe: str = option("tensorwise", "With --fp8: tensorwise (a scale per tensor; e5m2 gradients) or rowwise "
                                            "(a scale per row; more accurate, slower).")
+    # EMA and the regularisers (smedjan.training.ema, smedjan.training.regularisers): all
+    # off at 0, applied to the model from outside its parts.
+    ema_decay: float = option(0.0, "Keep an exponential moving average of the weights with this decay (e.g. "
+                                   "0.999; 0: off), warmed up as ema-pytorch's min(decay, 1 - (1 + t)^(-2/3)) after "
+                                   "t updates; validation, best.bin and the final checkpoint use the averaged "
+                                   "weights, state_N.bin keeps both.")
+    dropout: float = option(0.0, "Residual dropout (GPT-2's resid_pdrop): zero this fraction of each mixer's and "
+                                 "feed-forward's output before it joins the residual stream, scaling the rest by "
+                                 "1 / (1 - p); training only.")
+    stochastic_depth: float = option(0.0, "Stochastic depth (Huang et al. 2016): skip each block for a random "
+                                          "fraction of the sequences, with a survival probability falling linearly "
+                                          "from 1 - p / layers at the first block to 1 - p at the last and the kept "
+                                          "residual branch scaled by 1 / survival; training only (0: off).")
+    noise_scale: float = option(0.0, "Annealed Gaussian gradient noise (Neelakantan et al. 2015): add N(0, "
+                                     "eta / (1 + t)^0.55) to every gradient element at step t, after clipping "
+                                     "(0: off; the paper's eta: 0.01, 0.3, 1).")
+    freeze_fraction: float = option(0.0, "Freeze the first floor(f x layers) blocks (their weights stay exactly "
+                                         "as loaded, e.g. by --init; no optimizer state); the embedding, which is "
+                                         "also the tied head, the later blocks and the final norm train (0: off).")
 
     # FSDP (smedjan.training.fsdp)
     fsdp: bool = option(False, "Under torchrun: shard weights, gradients and optimizer state over the processes "
@@ -196,6 +215,12 @@ class ModelOptions:
                                               "Transformer; 1 when balanced; default 0.01).")
     z_loss: float | None = option(None, "MoE router z-loss coefficient: C x mean logsumexp(router logits)^2 "
                                         "(ST-MoE; default 0.001).")
+    # Weight sharing (smedjan.model.sharing)
+    shared_layers: int | None = option(None, "Block-wise weight sharing (ALBERT; MobileLLM's block-wise repeat): "
+                                             "consecutive groups of N layers run one block's weights, N dividing "
+                                             "the layers (default 1: none). The blocks' parameters drop N times, "
+                                             "their compute does not; checkpoints and exports still hold every "
+                                             "layer's tensors.")
 
 
 SHAPE_FLAGS = ("dim", "layers", "heads")
@@ -208,7 +233,8 @@ _TO_CONFIG = {"kv_heads": "n_kv_heads", "mlp": "mlp", "qk_norm": "qk_norm", "log
               "mla_q_latent_dim": "mla_q_latent_dim", "block_sparse_top_k": "block_sparse_top_k",
               "block_size": "block_size", "rope_theta": "rope_theta", "ssm_state": "ssm_state",
               "ssm_expand": "ssm_expand", "ssm_head_dim": "ssm_head_dim", "ssm_chunk": "ssm_chunk",
-              "linear_attn_chunk": "linear_attn_chunk", "rwkv_head_dim": "rwkv_head_dim", "rwkv_chunk": "rwkv_chunk"}
+              "linear_attn_chunk": "linear_attn_chunk", "rwkv_head_dim": "rwkv_head_dim", "rwkv_chunk": "rwkv_chunk",
+              "shared_layers": "shared_layers"}
 # Mixture-of-Experts flags -> their flat ModelConfig keywords (the same names)
 MOE_FLAGS = ("n_experts", "top_k_experts", "shared_experts", "moe_capacity", "moe_aux_loss", "z_loss")
 _TO_CONFIG.update({name: name for name in MOE_FLAGS})

@@ -26,6 +26,7 @@ from smedjan.console import log
 from smedjan.errors import UserError
 from smedjan.model import ModelConfig, Transformer
 from smedjan.options import option, retitled
+from smedjan.training.curriculum import CurriculumSource
 from smedjan.training.driver import (check_folder, check_run, fault_steps_from_env, fit, resolve_total_batch, setup,
                                      summary_of)
 from smedjan.training.heads import FusedCE
@@ -66,6 +67,10 @@ class TrainArgs(RunOptions, ModelOptions):
     sample_every: int = option(0, "Print a short sample every N steps (0: never).")
     peak_flops: float = option(H100_BF16_PEAK, "Peak FLOP/s of one GPU for MFU (H100 bf16 dense).")
     run: str | None = option(None, "Weights & Biases run name (needs wandb); unset or 'dummy' disables it.")
+    # Sequence-length warmup (smedjan.training.curriculum)
+    curriculum: int = option(0, "Sequence-length warmup (Li et al. 2022): over the first N steps the training "
+                                "windows grow linearly from 8 tokens to --seq-len, in multiples of 8, by truncating "
+                                "each batch's windows (0: off; the paper warms up over a few times the LR warmup).")
 
 
 def lm_loss(model: torch.nn.Module, batch, head=None) -> tuple[torch.Tensor, dict]:
@@ -230,6 +235,7 @@ def _check_flags(a: TrainArgs) -> None:
         (a.seq_len >= 1, f"`seq_len` {a.seq_len} must be >= 1"),
         (a.val_tokens >= 1, f"`val_tokens` {a.val_tokens} must be >= 1"),
         (a.sample_every >= 0, f"`sample_every` {a.sample_every} must be >= 0"),
+        (a.curriculum >= 0, f"`curriculum` {a.curriculum} must be >= 0"),
         (not (a.resume and a.init), "`resume` and `init` exclude each other (a state already holds the weights)"),
     ]
     for ok, msg in checks:
@@ -298,7 +304,8 @@ def run(a: TrainArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, "obje
         log(f"data: {train_tf.n_tokens:,} tokens; {tokens_per_step:,} tokens/step ({a.batch_size} x {a.seq_len} x "
             f"{a.grad_accum} accum x {ctx.world_size} rank(s)); {steps:,} steps from {how}")
     loss_fn = functools.partial(lm_loss, head=FusedCE()) if a.fused_ce else lm_loss
-    result, _ = fit("train", a, model, tok, cfg, loader, loss_fn, steps, ctx, amp, ckpt_dir, resumed,
+    source = CurriculumSource(loader, a.curriculum, a.seq_len, a.grad_accum) if a.curriculum else loader
+    result, _ = fit("train", a, model, tok, cfg, source, loss_fn, steps, ctx, amp, ckpt_dir, resumed,
                     evaluator=evaluator, sampler=make_sampler(tok) if a.sample_every else None,
                     flops_per_token=cfg.flops_per_token(a.seq_len), peak_flops=a.peak_flops, loggers=loggers,
                     fault_steps=fault_steps, lr_scale=lr_scale)

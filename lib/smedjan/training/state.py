@@ -229,9 +229,10 @@ class LoadedState:
 def save_train_state(path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      model_config, tokenizer, tool: str, step: int, trainer: dict, source: dict,
                      run_config: dict, world_size: int = 1, model_state: dict | None = None,
-                     optimizer_state: dict | None = None) -> None:
+                     optimizer_state: dict | None = None, extra: tuple[dict, dict] = ({}, {})) -> None:
     """Write the whole training state atomically (a crash mid-write leaves no state_N.bin).
-    `model_state`/`optimizer_state`: the state dicts when not the modules' own (FSDP)."""
+    `model_state`/`optimizer_state`: the state dicts when not the modules' own (FSDP);
+    `extra`: (tensors named `extra.*`, metadata) of what trains beside the model (the EMA)."""
     tensors = dict(model.state_dict() if model_state is None else model_state)
     opt_tensors, opt_meta = optimizer_to_checkpoint(optimizer, optimizer_state)
     rng_tensors, rng_meta = capture_rng()
@@ -239,6 +240,8 @@ def save_train_state(path: str | os.PathLike, *, model: torch.nn.Module, optimiz
     tensors.update(rng_tensors)
     meta = {"tool": tool, "step": step, "trainer": trainer, "source": source, "run_config": run_config,
             "optimizer": opt_meta, "rng": rng_meta, "world_size": world_size}
+    tensors.update(extra[0])
+    meta.update(extra[1])
     save_checkpoint(path, tensors, kind=C.KIND_TRAIN_STATE, config=model_config, tokenizer=tokenizer, meta=meta)
 
 
