@@ -199,6 +199,7 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
 
         kernels = apply_levers(model, levers, ctx.device, compiled=o.compile)
         shard_model(model, ctx.device, amp)
+        extras.track(model)  # the EMA of the shards
     optimizer = build_optimizer(o.optimizer, param_groups(model, o.weight_decay), settings, device=ctx.device)
     run_config = {**dataclasses.asdict(o), **(run_config or {}), "steps": steps, "warmup": warmup}
     kernels = kernels or apply_levers(model, levers, ctx.device, compiled=o.compile)

@@ -60,17 +60,18 @@ class EMA:
         """The model holds the averages inside, its raw weights again after (bit for bit)."""
         with torch.no_grad():
             raw = [p.detach().clone() for p in self.params]
-            torch._foreach_copy_(self.params, self.shadows)
+            _copy_all(self.params, self.shadows)
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(self.params, raw)
+                _copy_all(self.params, raw)
 
     # ------------------------------------------------------------------ state
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, metadata) for state_N.bin."""
-        return ({PREFIX + n: s for n, s in zip(self.names, self.shadows)},
+        """(tensors, metadata) for state_N.bin. Under --fsdp the averages are sharded like the
+        weights: each is gathered whole (a collective: every rank calls this)."""
+        return ({PREFIX + n: _whole(s) for n, s in zip(self.names, self.shadows)},
                 {"ema": {"decay": self.decay, "updates": self.updates}})
 
     def load(self, ck) -> bool:
@@ -91,6 +92,34 @@ class EMA:
                 if t.shape != s.shape:
                     raise UserError(f"{ck.path}: EMA tensor {name!r} has shape {tuple(t.shape)}, expected "
                                     f"{tuple(s.shape)} (corrupt)")
-                s.copy_(t)
+                s.copy_(_like(t, s))
         self.updates = meta["updates"]
         return True
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP, DTensor) average gathered whole to the CPU; others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor().cpu() if isinstance(t, DTensor) else t
+
+
+def _like(saved: torch.Tensor, shadow: torch.Tensor) -> torch.Tensor:
+    """A whole saved average, as `shadow` holds it (under FSDP: this rank's shard of it)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(shadow, DTensor):
+        return saved
+    return distribute_tensor(saved.to(shadow.device, shadow.dtype), shadow.device_mesh, shadow.placements,
+                             src_data_rank=None)  # every rank holds the whole tensor: no scatter
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[i] <- src[i] (DTensor has no sharding rule for the foreach copy: one by one there)."""
+    from torch.distributed.tensor import DTensor
+
+    if dst and isinstance(dst[0], DTensor):
+        for d, s in zip(dst, src):
+            d.copy_(s)
+    else:
+        torch._foreach_copy_(dst, src)

@@ -52,7 +52,9 @@ def shard_model(model: nn.Module, device: torch.device, amp: torch.dtype | None 
 
     mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) \
         if device.type == "cuda" and amp is not None else MixedPrecisionPolicy()
-    for block in getattr(model, "layers", ()):
+    from smedjan.model.sharing import first_uses
+
+    for _, block in first_uses(getattr(model, "layers", ())):  # a shared block (--shared-layers) once
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
 

@@ -343,6 +343,7 @@ class Trainer:
     def save_state(self) -> Path | None:
         """state_<step>.bin (rank 0 writes; every rank waits for it)."""
         path = None
+        extra = self.extras.state()  # (a collective under FSDP, as below)
         whole = {}
         if self.cfg.fsdp:  # gathered on every rank's call, kept by rank 0
             from smedjan.training.fsdp import full_optimizer_state
@@ -355,7 +356,7 @@ class Trainer:
                              tokenizer=self.tokenizer, tool=self.cfg.tool, step=self.step,
                              trainer=self.trainer_state(), source=self.source.state_dict(),
                              run_config=self.run_config, world_size=self.dist.world_size, **whole,
-                             extra=self.extras.state())
+                             extra=extra)
             rotate_states(self.folder, self.step, self.cfg.keep)
             self.last_state = path
         self.dist.barrier()

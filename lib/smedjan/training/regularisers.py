@@ -151,6 +151,7 @@ def add_gradient_noise(params: list[torch.Tensor], eta: float, step: int, seed: 
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
+    from torch.distributed.tensor import DTensor, distribute_tensor
     std = noise_std(eta, step)
     key = int(np.random.SeedSequence([_NOISE_STREAM, seed, step]).generate_state(1)[0])
     gens: dict[torch.device, torch.Generator] = {}
@@ -158,7 +159,10 @@ def add_gradient_noise(params: list[torch.Tensor], eta: float, step: int, seed: 
         gen = gens.get(g.device)
         if gen is None:
             gen = gens[g.device] = torch.Generator(device=g.device).manual_seed(key)
-        g.add_(torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype), alpha=std)
+        noise = torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
+        if isinstance(g, DTensor):  # --fsdp: every rank draws the whole noise and keeps its shard
+            noise = distribute_tensor(noise, g.device_mesh, g.placements, src_data_rank=None)
+        g.add_(noise, alpha=std)
 
 
 # ------------------------------------------------------------------- the Trainer side
@@ -185,6 +189,12 @@ class Extras:
         """After clipping, before the optimizer step."""
         if self.reg.noise_scale:
             add_gradient_noise(params, self.reg.noise_scale, step, self.reg.seed)
+
+    def track(self, model: nn.Module) -> None:
+        """Start the EMA again from `model`'s parameters: after fully_shard (--fsdp) they are
+        new (DTensor) objects, and averages of the old ones would silently stand still."""
+        if self.ema is not None:
+            self.ema = EMA(model, self.ema.decay)
 
     def after_update(self) -> None:
         if self.ema is not None:
