@@ -1,8 +1,9 @@
 """µP (`--mup-base`, smedjan.model.mup): the coordinate check of Tensor Programs V (activation
 scales flat with width under µP, logits growing under the standard parametrisation), the
 multipliers and rates against plain float64 references, µP at its base width equal to SP,
-and bad input refused with one line. Training below the unigram bound and bit-exact resume
-through `smedjan train` are the `mup` row of tests/test_train_regularisers.py."""
+and bad input refused with one line. Training below the unigram bound, bit-exact resume
+through `smedjan train`, decoding and the exporters' refusal are the `mup` row of
+tests/test_train_regularisers.py; DDP is the adamw-cpu row of tests/test_train_ddp.py."""
 
 from __future__ import annotations
 
@@ -150,3 +151,14 @@ def test_bad_mup_base_is_one_line(flags, needle, tmp_path_factory, tokenizer_pat
     res = cli_train("--dataset", train_bin, "--tokenizer", tokenizer_path, *args, "--steps", "2", *flags,
                     "--checkpoint-dir", out)
     assert_refused(res, out, needle.replace("`mup_base`", "--mup-base").replace("`optimizer`", "--optimizer"))
+
+
+
+def test_help_names_the_method_and_the_optimizers():
+    from typer.testing import CliRunner
+
+    from smedjan_tools.cli import app
+
+    out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"}).stdout
+    for text in ("--mup-base", "Tensor Programs V", "Under muon", "hybrid is refused", "Default: off"):
+        assert text in out, text
