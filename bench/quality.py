@@ -56,6 +56,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "shared-layers": ("RECIPE", {"shared_layers": 2}),
     "freeze": ("RECIPE", {"freeze_fraction": 0.5}),
     "curriculum": ("RECIPE", {"curriculum": 100}),
+    # µP (smedjan.model.mup): the old recipe's adamw rate read as tuned at width 32, run at 128
+    "mup (base 32)": ("BEFORE", {"mup_base": 32}),
 }
 
 

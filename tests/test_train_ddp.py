@@ -29,7 +29,8 @@ def torchrun(*args) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-OPTIMIZERS = {"adamw": [], "adamw-cpu": [], "adamw-8bit": [], "sophia": ["--hessian-interval", "3"], "muon": [],
+# adamw-cpu also runs µP (--mup-base: its per-role rates and multipliers are the same on every rank)
+OPTIMIZERS = {"adamw": [], "adamw-cpu": ["--mup-base", "16"], "adamw-8bit": [], "sophia": ["--hessian-interval", "3"], "muon": [],
               "hybrid": ["--cautious"]}
 # optimizers with a threshold inside the update: 8-bit codes, Sophia's sign(m), the hybrid's cautious masks
 ROUNDING = ("adamw-8bit", "sophia", "hybrid")

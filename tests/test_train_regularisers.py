@@ -207,6 +207,7 @@ OPTIONS = {
     "shared-layers": ["--shared-layers", "2"],
     "freeze": ["--freeze-fraction", "0.5"],
     "curriculum": ["--curriculum", "60"],
+    "mup": ["--mup-base", "16"],  # µP (smedjan.model.mup), width_mult 2
 }
 
 
@@ -291,8 +292,30 @@ def _curriculum(final, state, folder):
     assert tokens[1] == 8 * 8 and tokens[31] == 8 * length_at(30, 60, 32) == 8 * 16 and tokens[61] == 8 * 32
 
 
+def _mup(final, state, folder):
+    """The multiplier is part of the saved config; the exporters refuse it with one line."""
+    from smedjan.export.gguf import export_gguf
+
+    assert final.config.mup_base == 16 and final.config.attention.scale == 1 / math.sqrt(16 * 2)
+    # decoding (the engine's auto path, with its KV cache) continues as the model's full forward
+    from smedjan.infer.engine import Engine
+    from smedjan.infer.sampling import SamplingParams
+    from smedjan.model.load import model_from_checkpoint
+
+    model = model_from_checkpoint(final).eval()
+    ids = [5, 17, 300]
+    out = Engine(model).generate([ids], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))[0]
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out.token_ids == ids[3:]
+    with pytest.raises(UserError, match="not exportable to GGUF: µP"):
+        export_gguf(folder / "final.bin", folder / "m.gguf", quant="f32")
+    assert not (folder / "m.gguf").exists()
+
+
 CHECKS = {"ema": _ema, "freeze": _freeze, "shared-layers": _shared, "curriculum": _curriculum,
-          "dropout": lambda *a: None, "stochastic-depth": lambda *a: None, "noise": lambda *a: None}
+          "mup": _mup, "dropout": lambda *a: None, "stochastic-depth": lambda *a: None, "noise": lambda *a: None}
 
 
 @pytest.mark.parametrize("flags,needle", [

@@ -33,6 +33,8 @@ VARIANTS = {
     "moe-8x2": lambda cfg, T: {"n_experts": 8, "top_k_experts": 2},
     "moe-dense-equal": lambda cfg, T: {"ffn_hidden": 2 * cfg.ffn.hidden},
     "shared-layers": lambda cfg, T: {"shared_layers": 2},
+    # µP at 4x its base width (smedjan.model.mup): the readout multiplier and attention scale
+    "mup": lambda cfg, T: {"mup_base": max(1, cfg.dim // 4)},
 }
 # EMA, the regularisers, the curriculum: rows of the same model trained with one training
 # option (smedjan.training.bench.SmedjanRunner's `options`); the forward and decode columns

@@ -26,6 +26,9 @@ _TARGET = {"hf": "LlamaForCausalLM", "gguf": "llama.cpp"}
 def _model_level(cfg: ModelConfig, fmt: str) -> None:
     if cfg.logit_softcap:
         raise Unsupported(f"logit soft-capping (--logit-softcap {cfg.logit_softcap:g}): {_TARGET[fmt]} has none")
+    if cfg.mup_base:  # folding would rescale the tied embedding too, and llama's attention scale is fixed
+        raise Unsupported(f"µP (--mup-base {cfg.mup_base}: logits x base/dim, attention 1/d): {_TARGET[fmt]} has "
+                          "neither multiplier")
 
 
 def external_names(cfg: ModelConfig, fmt: str) -> list[External]:

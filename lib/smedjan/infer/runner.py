@@ -73,6 +73,8 @@ class _Layer:
 
 def fast_path_refusal(model: Transformer) -> str | None:
     """Why the fast path cannot run `model` (None when it can)."""
+    if model.cfg.mup_base:
+        return "µP's output multiplier and attention scale"
     for i, block in enumerate(model.layers):
         if type(block.mixer) is not Attention:
             return f"layer {i} mixes with {block.mixer.KIND}"

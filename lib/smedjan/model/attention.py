@@ -46,6 +46,8 @@ class AttentionConfig:
     window_pattern: str = "L"
     sliding_window: int = 0
     short_window: int = 0
+    # Softmax scale of q.k (0: 1/sqrt(head_dim)); µP (smedjan.model.mup) sets 1/d scaling.
+    scale: float = 0.0
 
     def resolve(self, dim: int) -> None:
         if self.n_kv_heads == 0:
@@ -136,6 +138,7 @@ class Attention(Mixer):
         self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
         self.window = a.window(layer, cfg.n_layers, cfg.max_seq_len)
         self.eps = cfg.norm_eps
+        self.scale = a.scale or None  # None: SDPA's 1/sqrt(head_dim)
         self.wq = nn.Linear(cfg.dim, a.n_heads * a.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, a.n_kv_heads * a.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, a.n_kv_heads * a.head_dim, bias=False)
@@ -186,7 +189,7 @@ class Attention(Mixer):
             st = ctx.states[layer]
             k = st.write("k", ctx.rows, ctx.start, k)
             v = st.write("v", ctx.rows, ctx.start, v)
-        y = attend(q, k, v, ctx, self.window, self.extra_mask(q, k, ctx))
+        y = attend(q, k, v, ctx, self.window, self.extra_mask(q, k, ctx), scale=self.scale)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def new_state(self, batch: int, max_len: int, device, dtype) -> TensorState:

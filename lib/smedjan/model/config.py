@@ -99,6 +99,9 @@ class ModelConfig:
     # Block-wise weight sharing: consecutive groups of this many layers run one block's
     # weights (1: none; smedjan.model.sharing).
     shared_layers: int = 1
+    # µP (smedjan.model.mup): the base width the rates were tuned at (0: off, the standard
+    # parametrisation); sets the readout multiplier, the attention scale and the init.
+    mup_base: int = 0
     preset: str = "custom"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -152,6 +155,11 @@ class ModelConfig:
         from smedjan.model import sharing
 
         check(sharing.checks(self))
+        from smedjan.model import mup
+
+        check(mup.checks(self))
+        if self.mup_base:  # derived: the attention part reads its scale from its own config
+            self.attention.scale = mup.attention_scale(self)
 
     # ------------------------------------------------------------------ layers
     def layer_mixers(self) -> list[str]:
@@ -241,6 +249,8 @@ class ModelConfig:
             parts.append(f"softcap {self.logit_softcap:g}")
         if self.shared_layers > 1:
             parts.append(f"blocks shared by {self.shared_layers} layers")
+        if self.mup_base:
+            parts.append(f"µP base width {self.mup_base}")
         parts.append("tied" if self.tie_embeddings else "untied")
         return ", ".join(parts)
 

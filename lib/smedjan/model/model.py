@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from smedjan.kernels import KernelUser
-from smedjan.model import sharing
+from smedjan.model import mup, sharing
 from smedjan.model.config import ModelConfig
-from smedjan.model.parts import EMBEDDING, HEAD, NORM, Context, Init, LayerState
+from smedjan.model.parts import EMBEDDING, HEAD, INIT_STD, NORM, Context, Init, LayerState
 from smedjan.model.registry import FEED_FORWARDS, MIXERS
 from smedjan.model.rope import RopeTables
 
@@ -103,9 +103,10 @@ class Transformer(KernelUser, nn.Module):
     def reset_parameters(self, seed: int | None = None) -> None:
         """GPT-2's initialisation through the parts: N(0, 0.02) for the embedding and every
         matrix, std / sqrt(2 x layers) for the projections into the residual stream, norm
-        gains 1. Draws follow the parameters' order, so a seed fixes the weights."""
-        init = Init(self.cfg.n_layers, seed)
-        init.normal_(self.tok_embeddings.weight)
+        gains 1. Draws follow the parameters' order, so a seed fixes the weights. Under µP
+        the matrices' std is 0.02 / sqrt(width_mult); the embedding and head keep 0.02."""
+        init = Init(self.cfg.n_layers, seed, std=mup.init_std(self.cfg))
+        init.normal_(self.tok_embeddings.weight, INIT_STD)
         for _, block in sharing.first_uses(self.layers):
             init.fill_(block.mixer_norm.weight, 1.0)
             block.mixer.init_weights(init)
@@ -114,7 +115,7 @@ class Transformer(KernelUser, nn.Module):
                 block.ffn.init_weights(init)
         init.fill_(self.norm.weight, 1.0)
         if self.output is not None:
-            init.normal_(self.output.weight)
+            init.normal_(self.output.weight, INIT_STD)
 
     def param_roles(self) -> dict[str, str]:
         """Parameter name -> optimizer role (matrix, embedding, head, norm, scalar, ...)."""
@@ -174,7 +175,7 @@ class Transformer(KernelUser, nn.Module):
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        z = F.linear(h, self.head_weight)
+        z = F.linear(mup.readout(self.cfg, h), self.head_weight)
         c = self.cfg.logit_softcap
         if c:
             zf = z.to(torch.promote_types(z.dtype, torch.float32))

@@ -95,6 +95,9 @@ def check_growable(src: ModelConfig, dst: ModelConfig) -> None:
                        ("context (max_seq_len)", src.max_seq_len, dst.max_seq_len)):
         if b < a:
             raise UserError(f"cannot grow to a smaller model: {name} {a} -> {b}")
+    if src.mup_base:
+        raise UserError(f"a µP model (mup_base {src.mup_base}) cannot grow exactly: its output multiplier "
+                        "base/dim changes with the width")
     for f in ("vocab_size", "tie_embeddings", "logit_softcap"):
         if getattr(src, f) != getattr(dst, f):
             raise UserError(f"{f} {getattr(src, f)} -> {getattr(dst, f)} cannot change when growing")

@@ -81,6 +81,9 @@ class SmedjanRunner:
         self.model = Transformer(cfg).to(self.device)
         extras = prepare(self.model, Regularisers(seed=seed, **options), cfg)
         opt = build_optimizer("adamw", param_groups(self.model, 0.1), OptimizerSettings(), self.device)
+        from smedjan.model.mup import scale_rates
+
+        scale_rates(opt, cfg, "adamw")  # µP's per-role rates, as `fit` sets them
         extras.wrap(self.model)
         self.source = FixedBatches(cfg.vocab_size, batch_size, seq_len, seed=seed)
         source = CurriculumSource(self.source, curriculum, seq_len, 1) if curriculum else self.source

@@ -201,6 +201,9 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
         shard_model(model, ctx.device, amp)
         extras.track(model)  # the EMA of the shards
     optimizer = build_optimizer(o.optimizer, param_groups(model, o.weight_decay), settings, device=ctx.device)
+    from smedjan.model.mup import scale_rates
+
+    scale_rates(optimizer, cfg, o.optimizer)  # µP: the hidden matrices' rates / width_mult
     run_config = {**dataclasses.asdict(o), **(run_config or {}), "steps": steps, "warmup": warmup}
     kernels = kernels or apply_levers(model, levers, ctx.device, compiled=o.compile)
     extras.wrap(model)  # dropout, drop-path: around the levers' blocks

@@ -21,6 +21,7 @@ forward for a scalar loss).
 from __future__ import annotations
 
 from smedjan.kernels.linear_ce import linear_cross_entropy, linear_distill
+from smedjan.model import mup
 
 
 class FusedCE:
@@ -29,6 +30,7 @@ class FusedCE:
         self.ignore_index, self.reduction, self.z_loss, self.chunk = ignore_index, reduction, z_loss, chunk
 
     def __call__(self, model, h, targets):
+        h = mup.readout(model.cfg, h)  # µP's output multiplier (1 otherwise)
         return linear_cross_entropy(h, model.head_weight, targets, softcap=model.cfg.logit_softcap,
                                     ignore_index=self.ignore_index, z_loss=self.z_loss, reduction=self.reduction,
                                     chunk=self.chunk, ce_chunk=model.kernels.ce_chunk)
@@ -40,6 +42,7 @@ class FusedDistill:
 
     def __call__(self, model, h, targets):
         y, h_teacher = targets
+        h, h_teacher = mup.readout(model.cfg, h), mup.readout(self.teacher.cfg, h_teacher)
         return linear_distill(h, model.head_weight, h_teacher, self.teacher.head_weight, y,
                               temperature=self.temperature, alpha=self.alpha, softcap=model.cfg.logit_softcap,
                               teacher_softcap=self.teacher.cfg.logit_softcap, chunk=self.chunk)

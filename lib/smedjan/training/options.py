@@ -221,6 +221,17 @@ class ModelOptions:
                                              "the layers (default 1: none). The blocks' parameters drop N times, "
                                              "their compute does not; checkpoints and exports still hold every "
                                              "layer's tensors.")
+    # µP (smedjan.model.mup)
+    mup_base: int | None = option(None, "µP, the maximal update parametrisation (Yang et al. 2022, Tensor Programs "
+                                        "V): the width at which --lr was tuned; the run's width (--dim) is "
+                                        "width_mult = dim / base times wider. Hidden matrices: init std "
+                                        "0.02/sqrt(width_mult) and, under the AdamW family (adamw, adamw-cpu, "
+                                        "adamw-8bit, sophia), learning rate and Adam eps / width_mult; "
+                                        "embedding, norms and head keep theirs; logits x 1/width_mult; attention scale 1/sqrt(head_dim x "
+                                        "width_mult) (1/d). Under muon the hidden matrices keep Muon's own "
+                                        "width-aware update (µP sets init, readout and attention); hybrid is "
+                                        "refused. Saved in the model config; export-gguf/export-hf refuse µP "
+                                        "models. Default: off (standard parametrisation).")
 
 
 SHAPE_FLAGS = ("dim", "layers", "heads")
@@ -234,7 +245,7 @@ _TO_CONFIG = {"kv_heads": "n_kv_heads", "mlp": "mlp", "qk_norm": "qk_norm", "log
               "block_size": "block_size", "rope_theta": "rope_theta", "ssm_state": "ssm_state",
               "ssm_expand": "ssm_expand", "ssm_head_dim": "ssm_head_dim", "ssm_chunk": "ssm_chunk",
               "linear_attn_chunk": "linear_attn_chunk", "rwkv_head_dim": "rwkv_head_dim", "rwkv_chunk": "rwkv_chunk",
-              "shared_layers": "shared_layers"}
+              "shared_layers": "shared_layers", "mup_base": "mup_base"}
 # Mixture-of-Experts flags -> their flat ModelConfig keywords (the same names)
 MOE_FLAGS = ("n_experts", "top_k_experts", "shared_experts", "moe_capacity", "moe_aux_loss", "z_loss")
 _TO_CONFIG.update({name: name for name in MOE_FLAGS})
@@ -291,6 +302,8 @@ def moe_flags(o: ModelOptions, flat: dict) -> None:
 def model_config(o: ModelOptions, vocab_size: int, max_seq_len: int) -> ModelConfig:
     """The config the architecture flags describe (see each field's help)."""
     flat = {cfg_key: getattr(o, name) for name, cfg_key in _TO_CONFIG.items() if getattr(o, name) is not None}
+    if o.mup_base is not None and o.mup_base < 1:  # µP: the config's 0 means off, never a width
+        raise UserError(f"`mup_base` {o.mup_base} must be a width >= 1 (leave it out for the standard parametrisation)")
     if o.untied is not None:
         flat["tie_embeddings"] = not o.untied
     flat["max_seq_len"] = max_seq_len
