@@ -28,6 +28,7 @@ from smedjan.model.ffn import FFN_MULTIPLE, FFNConfig, ffn_hidden_for
 from smedjan.model.linear_attention import LinearAttnConfig
 from smedjan.model.mamba2 import SSMConfig
 from smedjan.model.mla import MLAConfig
+from smedjan.model.mtp import MTPConfig
 from smedjan.model.parts import check
 from smedjan.model.rope import SCALINGS as ROPE_SCALINGS
 from smedjan.model.rwkv7 import RWKVConfig
@@ -62,10 +63,13 @@ FLAT: dict[str, tuple[str, str] | None] = {
     "ssm_state": ("ssm", "state"), "ssm_expand": ("ssm", "expand"), "ssm_head_dim": ("ssm", "head_dim"),
     "ssm_chunk": ("ssm", "chunk"), "linear_attn_chunk": ("linear_attn", "chunk"),
     "rwkv_head_dim": ("rwkv", "head_dim"), "rwkv_chunk": ("rwkv", "chunk"),
+    # multi-token prediction
+    "n_predict": ("mtp", "n_predict"),
 }
 
 _NESTED = {"attention": AttentionConfig, "mla": MLAConfig, "block_sparse": BlockSparseConfig, "ffn": FFNConfig,
-           "rope": RopeConfig, "ssm": SSMConfig, "linear_attn": LinearAttnConfig, "rwkv": RWKVConfig}
+           "rope": RopeConfig, "ssm": SSMConfig, "linear_attn": LinearAttnConfig, "rwkv": RWKVConfig,
+           "mtp": MTPConfig}
 MAX_DIM, MAX_LAYERS, MAX_VOCAB, MAX_CONTEXT = 1 << 16, 1024, 1 << 24, 1 << 24
 
 
@@ -90,6 +94,7 @@ class ModelConfig:
     ssm: SSMConfig = field(default_factory=SSMConfig)
     linear_attn: LinearAttnConfig = field(default_factory=LinearAttnConfig)
     rwkv: RWKVConfig = field(default_factory=RWKVConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)  # multi-token prediction modules (--n-predict)
     preset: str = "custom"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -131,6 +136,7 @@ class ModelConfig:
                 check(checks)
         from smedjan.model.registry import MIXERS
 
+        check(self.mtp.validate(mixers))
         unknown = [m for m in mixers if m not in MIXERS]
         check([(not unknown, f"mixer {unknown[0] if unknown else ''!r} is not one of {', '.join(MIXERS)}"),
                ("mla" not in mixers or self.mla.latent_dim > 0, "the mla mixer needs --mla-latent-dim"),
@@ -223,6 +229,8 @@ class ModelConfig:
         if self.logit_softcap:
             parts.append(f"softcap {self.logit_softcap:g}")
         parts.append("tied" if self.tie_embeddings else "untied")
+        if self.mtp.depth:
+            parts.append(f"{self.mtp.depth} MTP module{'s' if self.mtp.depth > 1 else ''}")
         return ", ".join(parts)
 
     # ------------------------------------------------------------ serialization
