@@ -22,6 +22,7 @@ import torch
 from smedjan.model import ModelConfig, Transformer
 from smedjan.optim import OptimizerSettings, build_optimizer, param_groups
 from smedjan.training.loop import Trainer, TrainerConfig
+from smedjan.training.mtp import MTPObjective
 from smedjan.training.pretrain import lm_loss
 from smedjan.training.schedule import Schedule
 
@@ -70,7 +71,9 @@ class SmedjanRunner:
         opt = build_optimizer("adamw", param_groups(self.model, 0.1), OptimizerSettings(), self.device)
         self.source = FixedBatches(cfg.vocab_size, batch_size, seq_len, seed=seed)
         tcfg = TrainerConfig(tool="bench", steps=1 << 62, handle_signals=False, compile=compile, amp_dtype=amp_dtype)
-        self.trainer = Trainer(self.model, opt, Schedule("wso", 1 << 62, 0), self.source, lm_loss, tcfg)
+        # a model with MTP modules trains with their loss (smedjan.training.mtp), as `smedjan train` does
+        loss = MTPObjective(steps=1 << 62) if cfg.mtp.depth else lm_loss
+        self.trainer = Trainer(self.model, opt, Schedule("wso", 1 << 62, 0), self.source, loss, tcfg)
         self.amp_dtype = amp_dtype
         self._fwd = torch.compile(self.model) if compile else self.model  # rope cache filled by the Trainer
         self.x = self.source.batches[0][0].to(self.device)
