@@ -43,6 +43,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "muon": ("BEFORE", {"optimizer": "muon"}),
     "hybrid": ("BEFORE", {"optimizer": "hybrid", **HYBRID}),
     "recipe (tiny.toml)": ("RECIPE", {}),
+    # multi-token prediction: the recipe predicting 2 tokens (one DeepSeek-V3 MTP module)
+    "mtp (n-predict 2)": ("RECIPE", {"n_predict": 2}),
 }
 
 

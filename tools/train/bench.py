@@ -23,6 +23,8 @@ VARIANTS = {
     "window-SSSL": lambda cfg, T: {"window_pattern": "SSSL", "short_window": max(1, T // 4)},
     "mla": lambda cfg, T: {"mla_latent_dim": cfg.dim // 2},
     "block-sparse": lambda cfg, T: {"block_sparse_top_k": 2, "block_size": max(1, T // 8)},
+    # multi-token prediction: one DeepSeek-V3 MTP module, trained with its loss (decode: plain greedy)
+    "mtp": lambda cfg, T: {"n_predict": 2},
 }
 
 
