@@ -58,6 +58,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "curriculum": ("RECIPE", {"curriculum": 100}),
     # µP (smedjan.model.mup): the old recipe's adamw rate read as tuned at width 32, run at 128
     "mup (base 32)": ("BEFORE", {"mup_base": 32}),
+    # multi-token prediction: the recipe predicting 2 tokens (one DeepSeek-V3 MTP module)
+    "mtp (n-predict 2)": ("RECIPE", {"n_predict": 2}),
 }
 
 

@@ -37,6 +37,11 @@ StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop strin
                                                                      "Repeat for several.")]
 IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end tokens (<|assistant_end|>, "
                                                                  "<|bos|>, ...); for benchmarks.")]
+SpeculativeOpt = Annotated[bool, typer.Option("--speculative", help=(
+    "Self-speculative greedy decoding (DeepSeek-V3's multi-token prediction): the model's MTP modules (trained "
+    "with --n-predict N) draft N-1 tokens, one forward verifies them, and the tokens are exactly plain greedy "
+    "decoding's. One sequence at a time (serve: --max-batch 1; its requests that sample decode a token a step); "
+    "attention models only (a recurrent state cannot be rolled back)."))]
 
 FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
          "repetition_penalty": "--repetition-penalty", "stop": "--stop", "seed": "--seed"}
@@ -58,8 +63,9 @@ def resolve_dtype(name: str, device):
 
 
 def load_engine(checkpoint: Path, device: str | None, dtype: str, threads: int | None, max_batch: int,
-                context: int | None = None):
-    """(model, tokenizer, engine) for a checkpoint; every flag checked before the load."""
+                context: int | None = None, speculative: bool = False):
+    """(model, tokenizer, engine) for a checkpoint; every flag checked before the load
+    (`speculative`: a SpeculativeEngine, one sequence at a time)."""
     import torch
 
     from smedjan.device import pick_device
@@ -80,6 +86,10 @@ def load_engine(checkpoint: Path, device: str | None, dtype: str, threads: int |
         raise UserError(f"--context {context} is longer than the model's context of {model.cfg.max_seq_len} tokens")
     if not tok.has_chat_tokens:
         raise UserError(f"{checkpoint}: its tokenizer has no chat special tokens")
+    if speculative:
+        from smedjan.infer.speculative import SpeculativeEngine
+
+        return model, tok, SpeculativeEngine(model, tok, context=context, where=str(checkpoint))
     return model, tok, Engine(model, tok, max_batch=max_batch, context=context)
 
 

@@ -15,8 +15,8 @@ import typer
 
 from smedjan.cli import JsonOpt, emit, log, make_app, run_app, tool
 from smedjan_tools.serve.common import (CheckpointOpt, DeviceOpt, DtypeOpt, IgnoreEosOpt, MaxNewOpt, RepPenaltyOpt,
-                                        SeedOpt, StopOpt, TemperatureOpt, ThreadsOpt, TopKOpt, TopPOpt, load_engine,
-                                        sampling)
+                                        SeedOpt, SpeculativeOpt, StopOpt, TemperatureOpt, ThreadsOpt, TopKOpt, TopPOpt,
+                                        load_engine, sampling)
 
 app = make_app()
 
@@ -44,6 +44,7 @@ def generate(
     seed: SeedOpt = None,
     stop: StopOpt = None,
     ignore_eos: IgnoreEosOpt = False,
+    speculative: SpeculativeOpt = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
@@ -55,8 +56,12 @@ def generate(
     params = sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos)
     if system is not None and not chat:
         raise UserError("--system needs --chat")
+    if speculative and not (params.greedy and params.repetition_penalty == 1.0):
+        raise UserError("--speculative decodes greedily (its drafts are checked against greedy choices): give "
+                        "--temperature 0 and no --repetition-penalty")
     texts = list(prompt) if prompt else [sys.stdin.read()]
-    model, tok, engine = load_engine(checkpoint, device, dtype, threads, max_batch=min(len(texts), 8))
+    model, tok, engine = load_engine(checkpoint, device, dtype, threads, max_batch=min(len(texts), 8),
+                                     speculative=speculative)
 
     def ids_of(text: str) -> list[int]:
         if chat:
@@ -84,6 +89,8 @@ def generate(
         # with one there is no rate to report (it printed "nan tok/s").
         decode_s = time.perf_counter() - first if first is not None else 0.0
         rate = f", {(n - 1) / decode_s:.1f} tok/s" if n > 1 and decode_s > 0 else ""
+        if speculative:
+            rate += f", {engine.accepted}/{engine.proposed} drafts accepted"
         log(f"{n} token{'' if n == 1 else 's'}{rate}, finish: {reason}")
         return
     results = engine.generate(prompts, params)
@@ -92,8 +99,9 @@ def generate(
              "completion_tokens": r.completion_tokens} for r in results]
     total = sum(r.completion_tokens for r in results)
     if json:
+        drafts = {"drafts": {"accepted": engine.accepted, "proposed": engine.proposed}} if speculative else {}
         emit({"completions": rows, "seconds": round(seconds, 3),
-              "tokens_per_second": round(total / seconds, 1) if seconds > 0 else None}, True)
+              "tokens_per_second": round(total / seconds, 1) if seconds > 0 else None, **drafts}, True)
         return
     print("\n\n".join(r.text for r in results), flush=True)
     log(f"{len(results)} prompts, {total} tokens in {seconds:.2f}s ({total / seconds:.1f} tok/s), finish: "

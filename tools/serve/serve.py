@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from smedjan.cli import log, make_app, run_app, tool, warn
-from smedjan_tools.serve.common import CheckpointOpt, DeviceOpt, DtypeOpt, ThreadsOpt, load_engine
+from smedjan_tools.serve.common import CheckpointOpt, DeviceOpt, DtypeOpt, SpeculativeOpt, ThreadsOpt, load_engine
 
 app = make_app()
 
@@ -60,6 +60,7 @@ def serve(
     threads: ThreadsOpt = None,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level: critical, error, warning, info, "
                                                                "debug.")] = "info",
+    speculative: SpeculativeOpt = False,
 ) -> None:
     from smedjan.errors import UserError
 
@@ -90,12 +91,14 @@ def serve(
             raise UserError(f"--allowed-host: {e}") from None
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         raise UserError(f"--log-level {log_level!r} is not a uvicorn log level")
+    if speculative and max_batch != 1:  # requests that sample (temperature > 0) decode plainly, one token a step
+        raise UserError(f"--speculative decodes one request at a time: give --max-batch 1 (not {max_batch})")
 
     sock = _listen(host, port)  # before the model loads: a taken port fails fast, with exit 2
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         warn(f"--host {host} exposes the model beyond this machine without --api-key; only requests addressed to "
              f"localhost, 127.0.0.1, [::1]" + "".join(f", {h}" for h in allowed_host or []) + " are answered")
-    model, tok, engine = load_engine(checkpoint, device, dtype, threads, max_batch, context)
+    model, tok, engine = load_engine(checkpoint, device, dtype, threads, max_batch, context, speculative)
     name = model_name or checkpoint.name
     web = create_app(engine, tok, name, api_key=api_key, max_body=max_body, index_html=INDEX_HTML,
                      max_queue=max_queue, allowed_hosts=allowed_host or ())

@@ -35,6 +35,8 @@ VARIANTS = {
     "shared-layers": lambda cfg, T: {"shared_layers": 2},
     # µP at 4x its base width (smedjan.model.mup): the readout multiplier and attention scale
     "mup": lambda cfg, T: {"mup_base": max(1, cfg.dim // 4)},
+    # multi-token prediction: one DeepSeek-V3 MTP module, trained with its loss (decode: plain greedy)
+    "mtp": lambda cfg, T: {"n_predict": 2},
 }
 # EMA, the regularisers, the curriculum: rows of the same model trained with one training
 # option (smedjan.training.bench.SmedjanRunner's `options`); the forward and decode columns

@@ -55,11 +55,15 @@ def check_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], where: str
 def checkpoint_source(p: Path, tok) -> ModelSource:
     """A smedjan checkpoint as a ModelSource; `tok` (or None) must equal its embedded tokenizer."""
     from smedjan.formats.checkpoint import TOKENIZER_TENSOR, load_checkpoint
+    from smedjan.model.mtp import without_mtp
 
     ck = load_checkpoint(p)
     cfg = ck.config
     state = ck.model_state()
     check_tensors(cfg, state, str(p))
+    # Multi-token-prediction modules serve training and speculative decoding only: neither
+    # llama.cpp nor transformers' Llama has them, so every export is of the model without.
+    cfg, state = without_mtp(cfg, state)
     note = None
     if TOKENIZER_TENSOR in ck.tensors:
         embedded = ck.tokenizer

@@ -29,6 +29,7 @@ from smedjan.model.linear_attention import LinearAttnConfig
 from smedjan.model.mamba2 import SSMConfig
 from smedjan.model.mla import MLAConfig
 from smedjan.model.moe import MoEConfig
+from smedjan.model.mtp import MTPConfig
 from smedjan.model.parts import check
 from smedjan.model.rope import SCALINGS as ROPE_SCALINGS
 from smedjan.model.rwkv7 import RWKVConfig
@@ -66,11 +67,13 @@ FLAT: dict[str, tuple[str, str] | None] = {
     # Mixture-of-Experts
     "n_experts": ("moe", "n_experts"), "top_k_experts": ("moe", "top_k"), "shared_experts": ("moe", "shared"),
     "moe_capacity": ("moe", "capacity"), "moe_aux_loss": ("moe", "aux_loss"), "z_loss": ("moe", "z_loss"),
+    # multi-token prediction
+    "n_predict": ("mtp", "n_predict"),
 }
 
 _NESTED = {"attention": AttentionConfig, "mla": MLAConfig, "block_sparse": BlockSparseConfig, "ffn": FFNConfig,
            "rope": RopeConfig, "ssm": SSMConfig, "linear_attn": LinearAttnConfig, "rwkv": RWKVConfig,
-           "moe": MoEConfig}
+           "moe": MoEConfig, "mtp": MTPConfig}
 MAX_DIM, MAX_LAYERS, MAX_VOCAB, MAX_CONTEXT = 1 << 16, 1024, 1 << 24, 1 << 24
 
 
@@ -102,6 +105,7 @@ class ModelConfig:
     # µP (smedjan.model.mup): the base width the rates were tuned at (0: off, the standard
     # parametrisation); sets the readout multiplier, the attention scale and the init.
     mup_base: int = 0
+    mtp: MTPConfig = field(default_factory=MTPConfig)  # multi-token prediction modules (--n-predict)
     preset: str = "custom"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -144,6 +148,7 @@ class ModelConfig:
                 check(checks)
         from smedjan.model.registry import MIXERS
 
+        check(self.mtp.validate(mixers))
         unknown = [m for m in mixers if m not in MIXERS]
         check([(not unknown, f"mixer {unknown[0] if unknown else ''!r} is not one of {', '.join(MIXERS)}"),
                ("mla" not in mixers or self.mla.latent_dim > 0, "the mla mixer needs --mla-latent-dim"),
@@ -252,6 +257,8 @@ class ModelConfig:
         if self.mup_base:
             parts.append(f"µP base width {self.mup_base}")
         parts.append("tied" if self.tie_embeddings else "untied")
+        if self.mtp.depth:
+            parts.append(f"{self.mtp.depth} MTP module{'s' if self.mtp.depth > 1 else ''}")
         return ", ".join(parts)
 
     # ------------------------------------------------------------ serialization

@@ -27,6 +27,8 @@ from smedjan.kernels import KernelUser
 from smedjan.model import mup, sharing
 from smedjan.model.config import ModelConfig
 from smedjan.model.parts import EMBEDDING, HEAD, INIT_STD, NORM, Context, Init, LayerState
+from smedjan.model.mtp import PREFIX as MTP_PREFIX
+from smedjan.model.mtp import MTPModules
 from smedjan.model.registry import FEED_FORWARDS, MIXERS
 from smedjan.model.rope import RopeTables
 
@@ -54,6 +56,13 @@ class Block(nn.Module):
         ffn = FEED_FORWARDS[cfg.ffn.kind]
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps) if ffn.PRESENT else None  # None: a mixer-only block
         self.ffn = ffn(cfg, layer)
+
+    def init_weights(self, init: Init) -> None:
+        init.fill_(self.mixer_norm.weight, 1.0)
+        self.mixer.init_weights(init)
+        if self.ffn_norm is not None:
+            init.fill_(self.ffn_norm.weight, 1.0)
+            self.ffn.init_weights(init)
 
     def forward(self, x: torch.Tensor, ctx: Context, layer: int) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), ctx, layer)
@@ -98,6 +107,8 @@ class Transformer(KernelUser, nn.Module):
         # (and safetensors never sees two names for one storage).
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rope_tables = RopeTables(cfg.rope, cfg.max_seq_len)
+        # Multi-token prediction (--n-predict): DeepSeek-V3's sequential modules (smedjan.model.mtp)
+        self.mtp = MTPModules(cfg) if cfg.mtp.depth else None
         self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
@@ -116,6 +127,8 @@ class Transformer(KernelUser, nn.Module):
         init.fill_(self.norm.weight, 1.0)
         if self.output is not None:
             init.normal_(self.output.weight, INIT_STD)
+        if self.mtp is not None:  # drawn last: the rest of the model is the same with or without them
+            self.mtp.init_weights(init)
 
     def param_roles(self) -> dict[str, str]:
         """Parameter name -> optimizer role (matrix, embedding, head, norm, scalar, ...)."""
@@ -125,6 +138,8 @@ class Transformer(KernelUser, nn.Module):
         roles["norm.weight"] = NORM
         if self.output is not None:
             roles["output.weight"] = HEAD
+        if self.mtp is not None:
+            roles.update(_prefixed(MTP_PREFIX, self.mtp.param_roles()))
         names = [n for n, _ in self.named_parameters()]
         assert sorted(names) == sorted(roles), f"roles do not cover the parameters: {set(names) ^ set(roles)}"
         return {n: roles[n] for n in names}
@@ -152,14 +167,10 @@ class Transformer(KernelUser, nn.Module):
         return ModelState([m.new_state(batch, n, device or ref.device, dtype or ref.dtype) for m in mixers], n,
                           truncatable=all(m.TRUNCATABLE for m in mixers))
 
-    def hidden(self, idx: torch.Tensor, *, state: ModelState | None = None, start: int | torch.Tensor = 0,
-               rows: slice | None = None) -> torch.Tensor:
-        """Final normalized hidden states [B, T, dim] of token ids `idx` [B, T].
-
-        Without `state`: a training forward over positions 0..T-1. With one: the tokens
-        continue rows `rows` (default 0..B-1) of the state from position `start` (an int, or
-        a LongTensor [B] of per-row positions for a one-token decode step)."""
-        B, T = idx.shape
+    def context(self, B: int, T: int, device, start: int | torch.Tensor = 0, state: ModelState | None = None,
+                rows: slice | None = None) -> Context:
+        """The Context of a forward of T tokens in B rows from `start` (see `hidden`), reading
+        and writing the layers of `state` (a decode state, or None in training)."""
         per_row = isinstance(start, torch.Tensor)
         end = (int(start.max()) if per_row else start) + T
         if end > self.cfg.max_seq_len:
@@ -167,12 +178,28 @@ class Transformer(KernelUser, nn.Module):
         if state is None and (per_row or start):
             raise ValueError("a start position needs a decode state")
         dtype = torch.float64 if self.tok_embeddings.weight.dtype == torch.float64 else torch.float32
-        ctx = Context(start=start, length=T, tables=self.rope_tables, device=idx.device, dtype=dtype,
-                      states=state.layers if state is not None else None, rows=rows or slice(0, B))
+        return Context(start=start, length=T, tables=self.rope_tables, device=device, dtype=dtype,
+                       states=state.layers if state is not None else None, rows=rows or slice(0, B))
+
+    def trunk(self, idx: torch.Tensor, *, state: ModelState | None = None, start: int | torch.Tensor = 0,
+              rows: slice | None = None) -> torch.Tensor:
+        """The last block's output [B, T, dim] (before the final norm) of token ids `idx` [B, T]
+        (see `hidden`)."""
+        B, T = idx.shape
+        ctx = self.context(B, T, idx.device, start, state, rows)
         x = self.tok_embeddings(idx)
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, i)
-        return self.norm(x)
+        return x
+
+    def hidden(self, idx: torch.Tensor, *, state: ModelState | None = None, start: int | torch.Tensor = 0,
+               rows: slice | None = None) -> torch.Tensor:
+        """Final normalized hidden states [B, T, dim] of token ids `idx` [B, T].
+
+        Without `state`: a training forward over positions 0..T-1. With one: the tokens
+        continue rows `rows` (default 0..B-1) of the state from position `start` (an int, or
+        a LongTensor [B] of per-row positions for a one-token decode step)."""
+        return self.norm(self.trunk(idx, state=state, start=start, rows=rows))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         z = F.linear(mup.readout(self.cfg, h), self.head_weight)
@@ -188,13 +215,20 @@ class Transformer(KernelUser, nn.Module):
         """Logits [B, T, vocab] or, with targets [B, T], the mean cross-entropy over the
         targets that are not `ignore_index`. With `head`: head(model, final hidden states,
         targets) instead (a loss computed from the hidden states without full logits:
-        `smedjan.training.heads`)."""
+        `smedjan.training.heads`); a head with `from_trunk` (multi-token prediction,
+        `smedjan.training.mtp`) gets head.trunk_loss(model, trunk output, idx, targets)."""
+        if getattr(head, "from_trunk", False):
+            return head.trunk_loss(self, self.trunk(idx, state=state, start=start, rows=rows), idx, targets)
         h = self.hidden(idx, state=state, start=start, rows=rows)
         if head is not None:
             return head(self, h, targets)
         logits = self.logits(h)
         if targets is None:
             return logits
+        return self.cross_entropy(logits, targets, ignore_index)
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -1) -> torch.Tensor:
+        """Mean cross-entropy of logits [B, T, vocab] on targets [B, T] (in float32 at least)."""
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
 
@@ -218,4 +252,6 @@ def model_flops(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token at `seq_len`, asked of every part, plus the output head."""
     model = meta_model(cfg)
     parts = sum(b.mixer.flops_per_token(seq_len) + b.ffn.flops_per_token(seq_len) for b in model.layers)
+    if model.mtp is not None:
+        parts += model.mtp.flops_per_token(seq_len, cfg.vocab_size)
     return parts + 6.0 * cfg.vocab_size * cfg.dim

@@ -173,11 +173,13 @@ def grow_checkpoint(path: str, output: str, *, size: str | None = None, dim: int
     from smedjan.formats.checkpoint import load_checkpoint, save_checkpoint
     from smedjan.io import check_output_path
     from smedjan.model.load import checked_model_state
+    from smedjan.model.mtp import without_mtp
 
     check_output_path(output)
     ck = load_checkpoint(path)
     src = ck.config
     state = checked_model_state(ck)
+    src, state = without_mtp(src, state)  # the grown model has no MTP modules (--init --n-predict adds new ones)
     dst = grown_config(src, size, dim, layers, heads, ffn_mult, kv_heads, max_seq_len)
     try:
         check_growable(src, dst)

@@ -101,7 +101,9 @@ def load_chat_model_checkpoint(path: str):
                         "post-training needs a tokenizer made by `smedjan tokenizer`")
     if tok.vocab_size != ck.config.vocab_size:
         raise UserError(f"{path}: tokenizer has {tok.vocab_size} tokens, the model {ck.config.vocab_size}")
-    return ck, tok
+    from smedjan.model.mtp import checkpoint_without_mtp
+
+    return checkpoint_without_mtp(ck), tok  # post-training trains (and writes) the model without MTP modules
 
 
 def resolve_steps(a: PostArgs, units_per_step: int, n_units: int, unit: str) -> tuple[int, str]:

@@ -22,6 +22,7 @@ import torch
 from smedjan.model import ModelConfig, Transformer
 from smedjan.optim import OptimizerSettings, build_optimizer, param_groups
 from smedjan.training.loop import Trainer, TrainerConfig
+from smedjan.training.mtp import MTPObjective
 from smedjan.training.pretrain import lm_loss
 from smedjan.training.schedule import Schedule
 
@@ -90,7 +91,9 @@ class SmedjanRunner:
         tcfg = TrainerConfig(tool="bench", steps=1 << 62, handle_signals=False, compile=compile, amp_dtype=amp_dtype)
         from smedjan.model.moe import with_router_losses
 
-        loss_fn = with_router_losses(self.model, lm_loss)  # as `fit` trains (MoE: + the router losses)
+        # a model with MTP modules trains with their loss (smedjan.training.mtp), as `smedjan train` does
+        loss = MTPObjective(steps=1 << 62) if cfg.mtp.depth else lm_loss
+        loss_fn = with_router_losses(self.model, loss)  # as `fit` trains (MoE: + the router losses)
         self.trainer = Trainer(self.model, opt, Schedule("wso", 1 << 62, 0), source, loss_fn, tcfg, extras=extras)
         self.amp_dtype = amp_dtype
         self._fwd = torch.compile(self.model) if compile else self.model  # rope cache filled by the Trainer

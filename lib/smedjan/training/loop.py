@@ -232,6 +232,8 @@ class Trainer:
             g["lr"] = g["peak_lr"] * lr_mult
         if hasattr(self.optimizer, "before_step"):  # the step's momentum, weight decay (smedjan.optim.common)
             self.optimizer.before_step(step)
+        if hasattr(self.loss_fn, "set_step"):  # a loss weighted by the step (multi-token prediction's λ)
+            self.loss_fn.set_step(step)
         vdtype = torch.float32 if self.device.type == "mps" else torch.float64
         loss_sum = torch.zeros((), device=self.device, dtype=vdtype)
         tokens = 0.0

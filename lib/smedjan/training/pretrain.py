@@ -29,6 +29,7 @@ from smedjan.options import option, retitled
 from smedjan.training.curriculum import CurriculumSource
 from smedjan.training.driver import (check_folder, check_run, fault_steps_from_env, fit, resolve_total_batch, setup,
                                      summary_of)
+from smedjan.training import mtp
 from smedjan.training.heads import FusedCE
 from smedjan.training.options import ARCH_FLAGS, ModelOptions, RunOptions, described_by, model_config
 
@@ -71,6 +72,17 @@ class TrainArgs(RunOptions, ModelOptions):
     curriculum: int = option(0, "Sequence-length warmup (Li et al. 2022): over the first N steps the training "
                                 "windows grow linearly from 8 tokens to --seq-len, in multiples of 8, by truncating "
                                 "each batch's windows (0: off; the paper warms up over a few times the LR warmup).")
+    # Multi-token prediction (smedjan.training.mtp, smedjan.model.mtp)
+    n_predict: int | None = option(None, "Tokens predicted at each position: the next one plus N-1 more through "
+                                         "DeepSeek-V3's sequential multi-token-prediction modules (each one block "
+                                         "sharing the embedding and head; dropped at export, kept in final.bin for "
+                                         "`generate --speculative`). Default 1 (no modules) for a new model, the "
+                                         "checkpoint's with --init or --resume; --init may add or drop modules.")
+    mtp_weight: float = option(0.3, "With --n-predict >= 2: loss = next-token CE + λ / (N-1) x the sum of the MTP "
+                                    "depths' CEs, λ = this for the first 10/14.8 of the steps (DeepSeek-V3: 0.3 "
+                                    "for its first 10T of 14.8T tokens).")
+    mtp_weight_final: float | None = option(None, "λ for the rest of the steps (default --mtp-weight / 3: "
+                                                  "DeepSeek-V3's 0.1).")
 
 
 def lm_loss(model: torch.nn.Module, batch, head=None) -> tuple[torch.Tensor, dict]:
@@ -256,9 +268,10 @@ def run(a: TrainArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, "obje
     from smedjan.formats.checkpoint import load_checkpoint
     from smedjan.formats.tokens import TokenFile, check_tokenizer_match
     from smedjan.tokenizer import Tokenizer
-    from smedjan.training.state import load_model_weights, read_train_state
+    from smedjan.training.state import read_train_state
 
     _check_flags(a)
+    mtp.check_flags(a)
     tok = Tokenizer.load(a.tokenizer)
     train_tf = TokenFile.open(a.dataset)
     check_tokenizer_match(train_tf, tok, a.tokenizer)
@@ -280,7 +293,10 @@ def run(a: TrainArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, "obje
             raise UserError(f"{path}: records no tokenizer fingerprint, so it cannot be checked against {a.tokenizer}")
         if path and fp != tok.fingerprint:
             raise UserError(f"{path}: made with tokenizer {fp}, but {a.tokenizer} has fingerprint {tok.fingerprint}")
+    base_n_predict = base.mtp.n_predict if base is not None else None
+    base = mtp.trunk_config(base)  # the flags describe the trunk; --n-predict the MTP modules
     cfg = model_config_for(a, tok.vocab_size, base, base_path)
+    cfg = mtp.config_with_n_predict(a, cfg, base_n_predict, resuming=resumed is not None)
 
     ctx, device, amp = setup(a)
     loader = Loader(train_tf, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed, rank=ctx.rank,
@@ -294,7 +310,7 @@ def run(a: TrainArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, "obje
     torch.manual_seed(a.seed)
     model = Transformer(cfg)
     if init_ck is not None:
-        load_model_weights(model, init_ck)
+        mtp.load_init_weights(model, init_ck)
     model.to(device)
     loggers = (_Wandb(a.run, {**vars(a), "steps": steps}),) if (a.run and a.run != "dummy" and ctx.is_main) else ()
     evaluator = None
@@ -304,6 +320,8 @@ def run(a: TrainArgs, fault_steps: frozenset = frozenset()) -> tuple[dict, "obje
         log(f"data: {train_tf.n_tokens:,} tokens; {tokens_per_step:,} tokens/step ({a.batch_size} x {a.seq_len} x "
             f"{a.grad_accum} accum x {ctx.world_size} rank(s)); {steps:,} steps from {how}")
     loss_fn = functools.partial(lm_loss, head=FusedCE()) if a.fused_ce else lm_loss
+    if cfg.mtp.depth:
+        loss_fn = mtp.MTPObjective(a.mtp_weight, a.mtp_weight_final, steps, fused=a.fused_ce)
     source = CurriculumSource(loader, a.curriculum, a.seq_len, a.grad_accum) if a.curriculum else loader
     result, _ = fit("train", a, model, tok, cfg, source, loss_fn, steps, ctx, amp, ckpt_dir, resumed,
                     evaluator=evaluator, sampler=make_sampler(tok) if a.sample_every else None,
