@@ -266,32 +266,19 @@ def test_speculative_refuses_models_it_cannot_roll_back_or_draft_with():
         SpeculativeEngine(_model(2, mixer="ssm", ssm_head_dim=16), None)
 
 
-@pytest.mark.slow
-def test_tiny_with_mtp_trains_below_the_unigram_bound_and_decodes_speculatively(data, tokenizer, tmp_path):
-    """The tiny preset predicting two tokens, 150 steps of 16 x 64 (measured: val bpb 0.797 x the
-    bound, val loss 4.734 nats; without MTP the same run ends at 4.742), then `generate
-    --speculative` through the CLI prints plain greedy decoding's text."""
-    from test_train_quality import MARGIN, unigram_bound_bpb
-
-    out = tmp_path / "ck"
-    res = train(*data[0], "--val-dataset", data[1], "--size", "tiny", "--n-predict", "2", "--batch-size", "16",
-                "--seq-len", "64", "--steps", "150", "--warmup", "15", "--lr", "3e-3", "--checkpoint-every", "0",
-                "--val-tokens", "32768", "--checkpoint-dir", out, "--json")
-    assert res.code == 0, res
-    bound = unigram_bound_bpb(data[0][1], tokenizer)[0]
-    final = [r for r in metrics(out) if "val_bpb" in r][-1]
-    print(f"val bpb {final['val_bpb']:.4f} = {final['val_bpb'] / bound:.3f} x the unigram bound {bound:.4f}")
-    assert final["val_bpb"] < MARGIN * bound
-    gen = ["generate", "-c", out / "final.bin", "-p", "ROMEO:", "-p", "Thou art", "-n", "40", "--temperature", "0",
+def test_generate_speculative_through_the_cli_prints_greedy_text(mtp_run):
+    """`generate --speculative` on a trained MTP checkpoint prints plain greedy decoding's
+    text (the tiny preset's run below the unigram bound: test_train_regularisers' mtp row)."""
+    gen = ["generate", "-c", mtp_run / "final.bin", "-p", "ROMEO:", "-p", "Thou art", "-n", "24", "--temperature", "0",
            "--json"]
     plain, spec = smedjan(*gen), smedjan(*gen, "--speculative")
     assert plain.code == 0 and spec.code == 0, (plain, spec)
     assert json.loads(spec.out)["completions"] == json.loads(plain.out)["completions"]
     drafts = json.loads(spec.out)["drafts"]
-    assert 0 < drafts["accepted"] <= drafts["proposed"], drafts
-    assert_user_error(smedjan("generate", "-c", out / "final.bin", "-p", "x", "--speculative"),
+    assert 0 <= drafts["accepted"] <= drafts["proposed"] and drafts["proposed"] > 0, drafts
+    assert_user_error(smedjan("generate", "-c", mtp_run / "final.bin", "-p", "x", "--speculative"),
                       "--speculative decodes greedily", "--temperature 0")
-    assert_user_error(smedjan("serve", "-c", out / "final.bin", "--speculative", "--port", "0"),
+    assert_user_error(smedjan("serve", "-c", mtp_run / "final.bin", "--speculative", "--port", "0"),
                       "--speculative decodes one request at a time: give --max-batch 1")
 
 

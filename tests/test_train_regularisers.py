@@ -208,6 +208,7 @@ OPTIONS = {
     "freeze": ["--freeze-fraction", "0.5"],
     "curriculum": ["--curriculum", "60"],
     "mup": ["--mup-base", "16"],  # µP (smedjan.model.mup), width_mult 2
+    "mtp": ["--n-predict", "2"],  # multi-token prediction (smedjan.training.mtp): one module
 }
 
 
@@ -314,7 +315,14 @@ def _mup(final, state, folder):
     assert not (folder / "m.gguf").exists()
 
 
-CHECKS = {"ema": _ema, "freeze": _freeze, "shared-layers": _shared, "curriculum": _curriculum,
+def _mtp(final, state, folder):
+    """final.bin keeps the module (for --speculative); metrics log the next-token CE apart."""
+    assert final.config.mtp.n_predict == 2 and any(k.startswith("mtp.0.") for k in final.tensors)
+    rec = [r for r in metrics(folder) if "mtp_loss_1" in r]
+    assert len(rec) == STEPS and all(r["loss"] > r["lm_loss"] for r in rec)
+
+
+CHECKS = {"ema": _ema, "mtp": _mtp, "freeze": _freeze, "shared-layers": _shared, "curriculum": _curriculum,
           "mup": _mup, "dropout": lambda *a: None, "stochastic-depth": lambda *a: None, "noise": lambda *a: None}
 
 
