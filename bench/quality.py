@@ -56,6 +56,10 @@ ROWS: dict[str, tuple[str, dict]] = {
     "shared-layers": ("RECIPE", {"shared_layers": 2}),
     "freeze": ("RECIPE", {"freeze_fraction": 0.5}),
     "curriculum": ("RECIPE", {"curriculum": 100}),
+    # Low-rank training (rank 32 of the tiny model's 128-wide matrices) without and with ReLoRA's
+    # merges (smedjan.training.relora), over the AdamW recipe (the hybrid's Muon is refused)
+    "lowrank-32": ("BEFORE", {"lowrank": 32}),
+    "relora-32": ("BEFORE", {"lowrank": 32, "relora_interval": 120, "relora_warmup": 10}),
 }
 
 

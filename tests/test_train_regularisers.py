@@ -207,6 +207,7 @@ OPTIONS = {
     "shared-layers": ["--shared-layers", "2"],
     "freeze": ["--freeze-fraction", "0.5"],
     "curriculum": ["--curriculum", "60"],
+    "relora": ["--lowrank", "8", "--relora-interval", "50", "--relora-warmup", "5"],  # resumed between merges
 }
 
 
@@ -291,7 +292,13 @@ def _curriculum(final, state, folder):
     assert tokens[1] == 8 * 8 and tokens[31] == 8 * length_at(30, 60, 32) == 8 * 16 and tokens[61] == 8 * 32
 
 
-CHECKS = {"ema": _ema, "freeze": _freeze, "shared-layers": _shared, "curriculum": _curriculum,
+def _relora(final, state, folder):
+    """final.bin: the plain names, holding the last state's W (merged at step 150, so B = 0)."""
+    assert state.json("relora")["merges"] == 3 and not any("relora" in k for k in final.tensors)
+    assert all(torch.equal(final.tensors[k], v) for k, v in state.model_state().items())
+
+
+CHECKS = {"relora": _relora, "ema": _ema, "freeze": _freeze, "shared-layers": _shared, "curriculum": _curriculum,
           "dropout": lambda *a: None, "stochastic-depth": lambda *a: None, "noise": lambda *a: None}
 
 
