@@ -61,6 +61,25 @@ def test_adapters_read_as_w_plus_ba_and_the_merge_keeps_the_function_in_float64(
         assert not torch.equal(relora.adapters[0].A, old_a) and relora.merges == 1
 
 
+@pytest.mark.parametrize("kw", [{"n_experts": 4, "top_k_experts": 2},
+                                {"layer_pattern": "ssm,linear_attn,rwkv,mla", "ssm_head_dim": 8, "rwkv_head_dim": 8,
+                                 "mla_latent_dim": 8}])
+def test_every_part_reads_its_adapters_and_the_merge_keeps_the_function(kw):
+    """MoE experts (a batch of matrices: A [E, R, in]) and the other mixers' projections."""
+    torch.manual_seed(0)
+    model = Transformer(micro_cfg(**kw)).double()
+    relora = ReLoRA(model, LowRank(rank=2, alpha=2.0, interval=1))
+    assert any(a.A.dim() == 3 for a in relora.adapters) == ("n_experts" in kw)
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        fresh = model(x)
+        for a in relora.adapters:
+            a.B.normal_()
+        before = model(x)
+        relora.merge()
+        assert (before - fresh).abs().max() > 1e-3 and (model(x) - before).abs().max() <= 1e-6
+
+
 def test_after_a_merge_the_lr_restarts_near_0_and_the_adapters_moments_are_pruned():
     sched = Schedule("cosine", total_steps=40, warmup=4, restart_every=10, restart_warmup=5)
     plain = Schedule("cosine", total_steps=40, warmup=4)
