@@ -228,3 +228,13 @@ def test_relora_under_ddp_equals_one_process(tmp_path_factory, tokenizer_path, t
     for k, v in fa.model_state().items():
         torch.testing.assert_close(fb.tensors[k], v, rtol=1e-4, atol=1e-5)
     assert load_checkpoint(two / "state_8.bin").json("relora")["merges"] == 2
+
+
+def test_help_names_the_methods_and_sft_has_the_flags():
+    from smedjan_tools.cli import app
+
+    for tool in ("train", "sft"):
+        out = CliRunner().invoke(app, [tool, "--help"], env={"COLUMNS": "400"}).stdout
+        for text in ("--lowrank", "Hu et al. 2021", "--lowrank-alpha", "--relora-interval", "Lialin et al. 2023",
+                     "--relora-warmup", "--relora-prune"):
+            assert text in out, (tool, text)
