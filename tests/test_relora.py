@@ -151,11 +151,18 @@ def test_train_resumes_bit_for_bit_across_merges_and_final_bin_is_merged(tmp_pat
     w = st8.model_state()
     assert all(torch.equal(final.tensors[k], w[k]) for k in plain)
     assert not torch.equal(w["layers.0.mixer.wq.weight"], st4.model_state()["layers.0.mixer.wq.weight"])
+    # a state read as a model (generate, export, --init) is its function: W + B A alpha / R
+    st6 = load_checkpoint(full / "state_6.bin")
+    raw, merged, ad = st6.model_state(merge_adapters=False), st6.model_state(), st6.prefixed("extra.relora.")
+    w = "layers.1.ffn.w1.weight"
+    assert torch.count_nonzero(ad[w + ".B"]) and torch.equal(merged[w], raw[w] + ad[w + ".B"] @ ad[w + ".A"])
+    assert sorted(merged) == sorted(plain)
     from smedjan_tools.cli import app
 
-    gen = CliRunner().invoke(app, ["generate", "-c", str(full / "final.bin"), "-p", "ROMEO:", "-n", "4",
-                                   "--temperature", "0", "--json"])
-    assert gen.exit_code == 0, gen.stderr[-2000:]
+    for ck in ("final.bin", "state_6.bin"):
+        gen = CliRunner().invoke(app, ["generate", "-c", str(full / ck), "-p", "ROMEO:", "-n", "4",
+                                       "--temperature", "0", "--json"])
+        assert gen.exit_code == 0, gen.stderr[-2000:]
 
 
 def test_sft_fine_tunes_with_lora(tmp_path_factory, tokenizer_path, tmp_path):

@@ -26,7 +26,9 @@ expert slices) sees W + B A alpha / R while the state dict keeps the model's nam
 frozen W. A and B live beside the model: the optimizer holds them in the `matrix` group as
 `relora.<param name>.A|B`, state_N.bin as `extra.relora.<param name>.A|B` (safetensors);
 final.bin and best.bin hold merged plain weights (`merged()`), so export, generate and sft
-need nothing special. The fresh A of merge k is drawn from a generator seeded by
+need nothing special; a state_N.bin read as a model (generate, export, `--init`) gives the
+merged weights too (`merged_state`, via Checkpoint.model_state); only `--resume` reads W and
+the adapters apart. The fresh A of merge k is drawn from a generator seeded by
 (--seed, k), and merges happen after updates N, 2N, ... (skipped non-finite steps count):
 a pure function of the step, so a resumed run, and every DDP rank, merges alike. Under DDP
 the adapters' gradients are averaged over the ranks by a hook (DDP sees only the model).
@@ -308,6 +310,23 @@ def _average_over_ranks(params: list[nn.Parameter]) -> list:
         return g.div_(world)
 
     return [p.register_hook(hook) for p in params]
+
+
+@torch.no_grad()
+def merged_state(ck, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (the W of a ReLoRA state_N.bin `ck`) with the saved adapters merged: W + B A
+    alpha / R, the same arithmetic as `ReLoRA.merged` (so bit for bit what final.bin holds)."""
+    meta, saved = ck.json("relora"), ck.prefixed(PREFIX)
+    try:
+        scale = float(meta["alpha"]) / int(meta["rank"])
+        out = dict(state)
+        for key in saved:
+            if key.endswith(".A"):
+                name = key[:-2]
+                out[name] = state[name] + torch.matmul(saved[name + ".B"], saved[key]) * scale
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
+        raise UserError(f"{ck.path}: low-rank adapters missing or corrupt ({e.__class__.__name__}: {e})") from None
+    return out
 
 
 def attach(model: nn.Module, spec: LowRank | None) -> ReLoRA | None:
