@@ -205,7 +205,8 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
 
         kernels = apply_levers(model, levers, ctx.device, compiled=o.compile)
         shard_model(model, ctx.device, amp)
-    optimizer = build_optimizer(o.optimizer, param_groups(model, o.weight_decay, extras.trainable()), settings, device=ctx.device)
+    optimizer = build_optimizer(o.optimizer, param_groups(model, o.weight_decay, extras.trainable()), settings,
+                                device=ctx.device)
     run_config = {**dataclasses.asdict(o), **(run_config or {}), "steps": steps, "warmup": warmup}
     kernels = kernels or apply_levers(model, levers, ctx.device, compiled=o.compile)
     extras.wrap(model)  # dropout, drop-path: around the levers' blocks
