@@ -157,6 +157,11 @@ def test_train_resumes_bit_for_bit_across_merges_and_final_bin_is_merged(tmp_pat
     w = "layers.1.ffn.w1.weight"
     assert torch.count_nonzero(ad[w + ".B"]) and torch.equal(merged[w], raw[w] + ad[w + ".B"] @ ad[w + ".A"])
     assert sorted(merged) == sorted(plain)
+    best = load_checkpoint(full / "best.bin")  # written inside the Trainer's merged() at an evaluation
+    at = best.json("best")["step"]
+    assert at in (2, 4, 6, 8) and not any("relora" in k for k in best.tensors)
+    want = load_checkpoint(full / f"state_{at}.bin").model_state()
+    assert all(torch.equal(best.tensors[k], v) for k, v in want.items())
     from smedjan_tools.cli import app
 
     for ck in ("final.bin", "state_6.bin"):
