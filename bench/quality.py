@@ -60,6 +60,10 @@ ROWS: dict[str, tuple[str, dict]] = {
     "mup (base 32)": ("BEFORE", {"mup_base": 32}),
     # multi-token prediction: the recipe predicting 2 tokens (one DeepSeek-V3 MTP module)
     "mtp (n-predict 2)": ("RECIPE", {"n_predict": 2}),
+    # Low-rank training (rank 32 of the tiny model's 128-wide matrices) without and with ReLoRA's
+    # merges (smedjan.training.relora), over the AdamW recipe (the hybrid's Muon is refused)
+    "lowrank-32": ("BEFORE", {"lowrank": 32}),
+    "relora-32": ("BEFORE", {"lowrank": 32, "relora_interval": 120, "relora_warmup": 10}),
 }
 
 

@@ -209,6 +209,7 @@ OPTIONS = {
     "curriculum": ["--curriculum", "60"],
     "mup": ["--mup-base", "16"],  # µP (smedjan.model.mup), width_mult 2
     "mtp": ["--n-predict", "2"],  # multi-token prediction (smedjan.training.mtp): one module
+    "relora": ["--lowrank", "8", "--relora-interval", "50", "--relora-warmup", "5"],  # resumed between merges
 }
 
 
@@ -322,8 +323,15 @@ def _mtp(final, state, folder):
     assert len(rec) == STEPS and all(r["loss"] > r["lm_loss"] for r in rec)
 
 
-CHECKS = {"ema": _ema, "mtp": _mtp, "freeze": _freeze, "shared-layers": _shared, "curriculum": _curriculum,
-          "mup": _mup, "dropout": lambda *a: None, "stochastic-depth": lambda *a: None, "noise": lambda *a: None}
+def _relora(final, state, folder):
+    """final.bin: the plain names, holding the last state's W (merged at step 150, so B = 0)."""
+    assert state.json("relora")["merges"] == 3 and not any("relora" in k for k in final.tensors)
+    assert all(torch.equal(final.tensors[k], v) for k, v in state.model_state().items())
+
+
+CHECKS = {"relora": _relora, "ema": _ema, "mtp": _mtp, "freeze": _freeze, "shared-layers": _shared,
+          "curriculum": _curriculum, "mup": _mup, "dropout": lambda *a: None, "stochastic-depth": lambda *a: None,
+          "noise": lambda *a: None}
 
 
 @pytest.mark.parametrize("flags,needle", [

@@ -48,6 +48,7 @@ TRAINING_VARIANTS = {
     "noise": {"noise_scale": 1e-6},
     "freeze": {"freeze_fraction": 0.5},
     "curriculum": {"curriculum": -1},  # -1: a warmup spanning the whole measurement (tok/s: its average)
+    "relora": {"lowrank": 32, "relora_interval": 10},  # rank 32 adapters on every hidden matrix, merged every 10 steps
 }
 
 

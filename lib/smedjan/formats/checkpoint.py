@@ -84,8 +84,16 @@ class Checkpoint:
         except json.JSONDecodeError:
             raise UserError(f"{self.path}: metadata {key!r} is not valid JSON (corrupt)") from None
 
-    def model_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.tensors.items() if not k.startswith(NON_MODEL_PREFIXES)}
+    def model_state(self, merge_adapters: bool = True) -> dict[str, torch.Tensor]:
+        """The model's tensors. A ReLoRA training state (`--lowrank`: adapters under
+        `extra.relora.`) gives its function, W + B A alpha / R, as its final.bin would hold it;
+        `merge_adapters=False`: the frozen W it holds (resuming)."""
+        state = {k: v for k, v in self.tensors.items() if not k.startswith(NON_MODEL_PREFIXES)}
+        if merge_adapters and "relora" in self.meta:
+            from smedjan.training.relora import merged_state
+
+            state = merged_state(self, state)
+        return state
 
     def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}

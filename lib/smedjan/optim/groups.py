@@ -39,10 +39,11 @@ def param_roles(model: nn.Module) -> dict[str, str]:
     return model.param_roles()
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, extra: list[tuple] = ()) -> list[dict]:
     """One optimizer group per role present in `model`, in ROLES order; only trainable
     parameters. Each group carries `role`, `names` (parallel to `params`) and its
-    `weight_decay` (the given value for `matrix`, 0 otherwise)."""
+    `weight_decay` (the given value for `matrix`, 0 otherwise). `extra`: (name, parameter,
+    role) of tensors that train beside the model (ReLoRA's adapters), after its own."""
     by_role: dict[str, tuple[list, list[str]]] = {r: ([], []) for r in ROLES}
     roles = param_roles(model)
     # named_parameters() yields a tied tensor once, so the tied head is not counted twice.
@@ -52,6 +53,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         params, names = by_role[roles[name]]
         params.append(p)
         names.append(name)
+    for name, p, role in extra:
+        by_role[role][0].append(p)
+        by_role[role][1].append(name)
     groups = []
     for role in ROLES:
         params, names = by_role[role]

@@ -69,19 +69,26 @@ class SmedjanRunner:
     def __init__(self, cfg: ModelConfig, batch_size: int, seq_len: int, device: torch.device | str = "cpu",
                  compile: bool = False, amp_dtype: torch.dtype | None = None, seed: int = 0,
                  options: dict | None = None):
-        """`options`: training options of `Regularisers` (ema_decay, dropout, ...) and
-        `curriculum` (warmup steps), as the flags of the same names."""
+        """`options`: training options of `Regularisers` (ema_decay, dropout, ...),
+        `curriculum` (warmup steps) and `lowrank`, `relora_interval` (ReLoRA; its schedule's
+        re-warmup is left out: the LR does not change the work), as the flags of the same names."""
         from smedjan.training.curriculum import CurriculumSource
         from smedjan.training.regularisers import Regularisers, prepare
 
         options = dict(options or {})
         curriculum = options.pop("curriculum", 0)
+        rank, interval = options.pop("lowrank", None), options.pop("relora_interval", 0)
         self.device = torch.device(device)
         self.tokens_per_step = batch_size * seq_len
         torch.manual_seed(seed)
         self.model = Transformer(cfg).to(self.device)
         extras = prepare(self.model, Regularisers(seed=seed, **options), cfg)
-        opt = build_optimizer("adamw", param_groups(self.model, 0.1), OptimizerSettings(), self.device)
+        if rank:
+            from smedjan.training.relora import LowRank, ReLoRA
+
+            extras.relora = ReLoRA(self.model, LowRank(rank=rank, alpha=float(rank), interval=interval, seed=seed))
+        opt = build_optimizer("adamw", param_groups(self.model, 0.1, extras.trainable()), OptimizerSettings(),
+                              self.device)
         from smedjan.model.mup import scale_rates
 
         scale_rates(opt, cfg, "adamw")  # µP's per-role rates, as `fit` sets them

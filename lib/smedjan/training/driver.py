@@ -29,6 +29,8 @@ from smedjan.training.levers import apply_levers, check_device, levers_of
 from smedjan.training.options import RESUME_FREE, RunOptions
 from smedjan.training.regularisers import prepare as prepare_regularisers
 from smedjan.training.regularisers import regularisers_of
+from smedjan.training.relora import attach as attach_relora
+from smedjan.training.relora import lowrank_of
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -74,6 +76,7 @@ def check_run(o: RunOptions) -> None:
     check_settings(name, optimizer_settings(o))
     levers_of(o)
     regularisers_of(o)
+    lowrank_of(o)
 
 
 def optimizer_settings(o: RunOptions, width: int = 768, lr_schedule=None, lr_scale: float = 1.0):
@@ -189,9 +192,12 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
                         "examples: set `batch_size` and `grad_accum`")
     warmup = resolve_warmup(o, steps)
     min_ratio = o.final_lr_frac if o.final_lr_frac is not None else 0.1 if o.min_lr is None else o.min_lr / o.lr
-    schedule = Schedule(o.lr_schedule, total_steps=steps, warmup=warmup, min_ratio=min_ratio, warmdown=o.warmdown)
+    lowrank = lowrank_of(o)  # ReLoRA (smedjan.training.relora): its merges re-warm the LR
+    schedule = Schedule(o.lr_schedule, total_steps=steps, warmup=warmup, min_ratio=min_ratio, warmdown=o.warmdown,
+                        **(lowrank.schedule() if lowrank else {}))
     settings = optimizer_settings(o, cfg.dim, schedule, lr_scale or 1.0)
     extras = prepare_regularisers(model, regularisers_of(o), cfg)  # freezes before the optimizer sees the weights
+    extras.relora = attach_relora(model, lowrank)  # freezes the adapted matrices, adds their adapters
     levers = levers_of(o)
     kernels = None
     if o.fsdp:  # FSDP (smedjan.training.fsdp): levers, then fully_shard, then the optimizer over the shards
@@ -200,7 +206,8 @@ def fit(tool: str, o: RunOptions, model, tok, cfg, source, loss_fn: Callable, st
         kernels = apply_levers(model, levers, ctx.device, compiled=o.compile)
         shard_model(model, ctx.device, amp)
         extras.track(model)  # the EMA of the shards
-    optimizer = build_optimizer(o.optimizer, param_groups(model, o.weight_decay), settings, device=ctx.device)
+    optimizer = build_optimizer(o.optimizer, param_groups(model, o.weight_decay, extras.trainable()), settings,
+                                device=ctx.device)
     from smedjan.model.mup import scale_rates
 
     scale_rates(optimizer, cfg, o.optimizer)  # µP: the hidden matrices' rates / width_mult

@@ -41,7 +41,9 @@ What the Trainer does for all of them:
   run's losses bit for bit (same device, threads and flags).
 - optional `extras` (`smedjan.training.regularisers.Extras`): gradient noise after the
   clip, the EMA update after the optimizer step; validation, best.bin and final.bin see
-  the EMA's weights; its averages go into every state.
+  the EMA's weights; its averages go into every state. ReLoRA's adapters train beside
+  the model (`after_step` merges them every N steps); validation, best.bin and final.bin
+  see the merged weights; the adapters go into every state.
 
     trainer = Trainer(model, opt, Schedule("cosine", 1000, 100), loader, lm_loss,
                       TrainerConfig(tool="train", steps=1000, checkpoint_dir=Path("ckpt")),
@@ -289,6 +291,7 @@ class Trainer:
             with self._autocast():
                 reported = self.optimizer.after_step(self.train_model, batch, step) or {}
         self.step += 1
+        self.extras.after_step(self.step, self.optimizer)  # ReLoRA's merges (a function of the step)
         self.tokens += int(tokens_v)
         if stop_v > 0 and not self._stop_signal:
             self._stop_signal = signal.SIGTERM  # another rank was signalled

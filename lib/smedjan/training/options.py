@@ -130,6 +130,23 @@ class RunOptions:
     freeze_fraction: float = option(0.0, "Freeze the first floor(f x layers) blocks (their weights stay exactly "
                                          "as loaded, e.g. by --init; no optimizer state); the embedding, which is "
                                          "also the tied head, the later blocks and the final norm train (0: off).")
+    # Low-rank training and ReLoRA (smedjan.training.relora)
+    lowrank: int | None = option(None, "Low-rank training (LoRA, Hu et al. 2021): freeze every hidden matrix W and "
+                                       "train adapters of this rank R beside it, read as W + B A alpha / R (A "
+                                       "Kaiming-uniform, B zero); embeddings, head and norms train full-rank; "
+                                       "final.bin holds the merged plain weights (default: off; adamw only).")
+    lowrank_alpha: float | None = option(None, "With --lowrank: the adapters' scale alpha (they add B A alpha / R; "
+                                               "default alpha = R).")
+    relora_interval: int | None = option(None, "ReLoRA (Lialin et al. 2023): with --lowrank, merge the adapters "
+                                               "into W every N steps (W += B A alpha / R, fresh A, zero B), prune "
+                                               "their Adam states and re-warm the LR (default: off, merged only "
+                                               "at the end).")
+    relora_warmup: int | None = option(None, "ReLoRA: after each merge the LR re-warms linearly from near 0 over "
+                                             "this many steps, on top of the main schedule (default 50, the "
+                                             "paper's; at most --relora-interval).")
+    relora_prune: float | None = option(None, "ReLoRA: at each merge zero the entries of the adapters' Adam moments "
+                                              "at or below this quantile of their magnitude (default 0.9, the "
+                                              "paper's magnitude pruning; 1: a full reset).")
 
     # FSDP (smedjan.training.fsdp)
     fsdp: bool = option(False, "Under torchrun: shard weights, gradients and optimizer state over the processes "

@@ -170,8 +170,18 @@ class Extras:
     """What the Trainer calls around each update and evaluation (all no-ops when off)."""
 
     def __init__(self, reg: Regularisers = Regularisers(), frozen: list[str] | None = None,
-                 ema: EMA | None = None):
+                 ema: EMA | None = None, relora=None):
         self.reg, self.frozen, self.ema = reg, frozen or [], ema
+        self.relora = relora  # smedjan.training.relora.ReLoRA (set by `attach`) or None
+
+    def trainable(self) -> list[tuple]:
+        """(name, parameter, role) of what trains beside the model (ReLoRA's adapters)."""
+        return self.relora.trainable() if self.relora is not None else []
+
+    def after_step(self, step: int, optimizer) -> None:
+        """After every step, good or skipped (`step`: the steps done): ReLoRA's merges."""
+        if self.relora is not None:
+            self.relora.after_step(step, optimizer)
 
     def wrap(self, model: nn.Module) -> None:
         """Dropout on every mixer and feed-forward output, drop-path around every block
@@ -200,20 +210,34 @@ class Extras:
         if self.ema is not None:
             self.ema.update()
 
+    @contextlib.contextmanager
     def final_weights(self):
-        """Context: the weights validation, best.bin and final.bin see (the EMA's, if any)."""
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        """Context: the weights validation, best.bin and final.bin see (the EMA's, if any;
+        ReLoRA's merged ones)."""
+        with contextlib.ExitStack() as stack:
+            if self.ema is not None:
+                stack.enter_context(self.ema.applied())
+            if self.relora is not None:
+                stack.enter_context(self.relora.merged())
+            yield
 
     def state(self) -> tuple[dict, dict]:
-        return self.ema.state() if self.ema is not None else ({}, {})
+        tensors, meta = self.ema.state() if self.ema is not None else ({}, {})
+        if self.relora is not None:
+            t, m = self.relora.state()
+            tensors, meta = {**tensors, **t}, {**meta, **m}
+        return tensors, meta
 
     def load(self, ck) -> None:
         if self.ema is not None:
             self.ema.load(ck)
+        if self.relora is not None:
+            self.relora.load(ck)
 
     def describe(self) -> str:
         d = self.reg.describe()
-        return d + (f" ({len(self.frozen)} tensors frozen)" if self.frozen else "")
+        d += f" ({len(self.frozen)} tensors frozen)" if self.frozen else ""
+        return ", ".join(s for s in (d, self.relora.describe() if self.relora is not None else "") if s)
 
 
 def prepare(model: nn.Module, reg: Regularisers, cfg) -> Extras:

@@ -17,6 +17,9 @@ updates, W of warmup, and `min_ratio` m = --min-lr / --lr.
 - `invsqrt`: warmup, then sqrt(W / (s + 1)) (T5 / "Noam" decay), floored at m;
   no horizon needed.
 - `trapezoid`: like wsd but the cooldown is linear: m + (1 - m) * (1 - p).
+- restarts (ReLoRA's jagged schedule, `--relora-interval N`, `--relora-warmup R`): from
+  update N on, the multiplier of update s is also scaled by min(1, (s mod N + 1) / R), a
+  linear re-warmup from near 0 after every merge (at updates N, 2N, ...).
 
     sched = Schedule("cosine", total_steps=50_000, warmup=2_000, min_ratio=0.1)
     lr = 3e-4 * sched(s)
@@ -39,6 +42,8 @@ class Schedule:
     warmup: int
     min_ratio: float = 0.1
     warmdown: float = 0.2  # wsd / trapezoid: fraction of the run spent cooling down
+    restart_every: int = 0  # ReLoRA: re-warm every this many updates (0: never)
+    restart_warmup: int = 0  # ReLoRA: over this many updates
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
@@ -60,6 +65,13 @@ class Schedule:
         return max(self.warmup, self.total_steps - round(self.warmdown * self.total_steps))
 
     def __call__(self, step: int) -> float:
+        base = self._main(step)
+        N, R = self.restart_every, self.restart_warmup
+        if N and R and step >= N:  # ReLoRA's jagged schedule: the main one, re-warmed after each merge
+            return base * min(1.0, (step % N + 1) / R)
+        return base
+
+    def _main(self, step: int) -> float:
         s, W, S, m = step, self.warmup, self.total_steps, self.min_ratio
         if s < W:
             return (s + 1) / W

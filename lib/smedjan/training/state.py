@@ -258,9 +258,10 @@ def read_train_state(path: str | os.PathLike, tool: str) -> LoadedState:
     return LoadedState(ck, step, got, trainer, source, run_config, int(ck.json("world_size", 1)))
 
 
-def load_model_weights(model: torch.nn.Module, ck: Checkpoint) -> None:
-    """Copy `ck`'s weights into `model` (same config), naming the first mismatch."""
-    state = ck.model_state()
+def load_model_weights(model: torch.nn.Module, ck: Checkpoint, merge_adapters: bool = True) -> None:
+    """Copy `ck`'s weights into `model` (same config), naming the first mismatch
+    (`merge_adapters`: see Checkpoint.model_state)."""
+    state = ck.model_state(merge_adapters)
     check_state_shapes(ck.path, state, model, "this model")
     model.load_state_dict(state, strict=True)
 
@@ -271,14 +272,14 @@ def apply_train_state(st: LoadedState, model: torch.nn.Module, optimizer: torch.
     from smedjan.training import fsdp
 
     if fsdp.is_sharded(model):
-        state = st.ck.model_state()
+        state = st.ck.model_state(merge_adapters=False)  # ReLoRA: the frozen W; the adapters come back apart
         check_state_shapes(st.ck.path, state, model, "this model")
         fsdp.load_full_model_state(model, state)
         optimizer_from_checkpoint(optimizer, st.ck,
                                   load=lambda s, g: fsdp.load_full_optimizer_state(model, optimizer, s, g))
         restore_rng(st.ck)
         return
-    load_model_weights(model, st.ck)
+    load_model_weights(model, st.ck, merge_adapters=False)
     optimizer_from_checkpoint(optimizer, st.ck)
     restore_rng(st.ck)
 
