@@ -15,6 +15,7 @@ import shutil
 import pytest
 import torch
 
+from test_bitnet import check_trained as check_bitnet
 from test_train_errors import assert_refused
 from test_train_errors import run as cli_train
 from test_train_quality import unigram_bound_bpb
@@ -207,6 +208,7 @@ OPTIONS = {
     "shared-layers": ["--shared-layers", "2"],
     "freeze": ["--freeze-fraction", "0.5"],
     "curriculum": ["--curriculum", "60"],
+    "bitnet": ["--bitnet"],  # an architecture flag, but trained and resumed the same way (tests/test_bitnet.py)
 }
 
 
@@ -292,7 +294,8 @@ def _curriculum(final, state, folder):
 
 
 CHECKS = {"ema": _ema, "freeze": _freeze, "shared-layers": _shared, "curriculum": _curriculum,
-          "dropout": lambda *a: None, "stochastic-depth": lambda *a: None, "noise": lambda *a: None}
+          "dropout": lambda *a: None, "stochastic-depth": lambda *a: None, "noise": lambda *a: None,
+          "bitnet": check_bitnet}
 
 
 @pytest.mark.parametrize("flags,needle", [

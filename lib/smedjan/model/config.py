@@ -99,6 +99,9 @@ class ModelConfig:
     # Block-wise weight sharing: consecutive groups of this many layers run one block's
     # weights (1: none; smedjan.model.sharing).
     shared_layers: int = 1
+    # BitNet b1.58: ternary weights and 8-bit activations in every block linear
+    # (smedjan.model.bitnet); embedding and head full precision.
+    bitnet: bool = False
     preset: str = "custom"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -152,6 +155,9 @@ class ModelConfig:
         from smedjan.model import sharing
 
         check(sharing.checks(self))
+        from smedjan.model import bitnet
+
+        check(bitnet.checks(self))
 
     # ------------------------------------------------------------------ layers
     def layer_mixers(self) -> list[str]:
@@ -241,6 +247,8 @@ class ModelConfig:
             parts.append(f"softcap {self.logit_softcap:g}")
         if self.shared_layers > 1:
             parts.append(f"blocks shared by {self.shared_layers} layers")
+        if self.bitnet:
+            parts.append("BitNet b1.58 (ternary weights, 8-bit activations)")
         parts.append("tied" if self.tie_embeddings else "untied")
         return ", ".join(parts)
 
