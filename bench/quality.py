@@ -56,6 +56,10 @@ ROWS: dict[str, tuple[str, dict]] = {
     "shared-layers": ("RECIPE", {"shared_layers": 2}),
     "freeze": ("RECIPE", {"freeze_fraction": 0.5}),
     "curriculum": ("RECIPE", {"curriculum": 100}),
+    # BitNet b1.58 (smedjan.model.bitnet) on AdamW: the paper's recipe wants a higher rate than
+    # full precision; here twice the old recipe's 3e-3 (the same cosine to a tenth)
+    "bitnet": ("BEFORE", {"bitnet": True, "lr": 6e-3, "min_lr": 6e-4}),
+    "bitnet (lr 3e-3)": ("BEFORE", {"bitnet": True}),
 }
 
 

@@ -45,6 +45,13 @@ def test_weight_quantiser_matches_a_float64_reference():
         # float32 weights: the same codes (computed in float32)
         assert np.array_equal(weight_codes(w.float())[0].numpy(), t)
     assert torch.equal(weight_quant(torch.zeros(3, 4)), torch.zeros(3, 4))  # no 0 / 0
+    # without a gradient (decoding) W_q is cached on the weight: any in-place change refreshes it
+    w = torch.nn.Parameter(torch.randn(8, 8, generator=g))
+    with torch.no_grad():
+        first = weight_quant(w)
+        assert weight_quant(w) is first
+        w.mul_(-1)
+        assert torch.equal(weight_quant(w), -first)
 
 
 def test_activation_quantiser_matches_a_float64_reference():

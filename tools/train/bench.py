@@ -33,6 +33,9 @@ VARIANTS = {
     "moe-8x2": lambda cfg, T: {"n_experts": 8, "top_k_experts": 2},
     "moe-dense-equal": lambda cfg, T: {"ffn_hidden": 2 * cfg.ffn.hidden},
     "shared-layers": lambda cfg, T: {"shared_layers": 2},
+    # BitNet b1.58: ternary weights, 8-bit activations (quantised in PyTorch, so slower than fp32
+    # here: the row measures the cost of the fake-quantised training forward, not 1.58-bit kernels)
+    "bitnet": lambda cfg, T: {"bitnet": True},
 }
 # EMA, the regularisers, the curriculum: rows of the same model trained with one training
 # option (smedjan.training.bench.SmedjanRunner's `options`); the forward and decode columns
