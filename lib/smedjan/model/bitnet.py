@@ -98,24 +98,10 @@ class _Ste(torch.autograd.Function):
 
 def weight_quant(w: torch.Tensor) -> torch.Tensor:
     """W_q = clamp(round(W / s), -1, 1) x s, s = mean|W|, in w's dtype; gradient straight through.
-    Without a gradient (eval, decoding) W_q is cached on the weight until it changes."""
-    if w.requires_grad and torch.is_grad_enabled():
-        t, s = weight_codes(w.detach())
-        return _Ste.apply(w, (t * s).to(w.dtype))
-    key = None
-    if not torch.distributed.is_initialized():  # FSDP refills one unsharded storage per forward: no cache
-        try:  # any in-place change bumps _version; .data = ... (model.double()) moves the storage
-            key = (w._version, w.data_ptr(), w.dtype, w.device)
-        except RuntimeError:  # an inference-mode tensor has no version counter: no cache
-            pass
-    hit = getattr(w, "_bitnet_quantised", None)
-    if key is not None and hit is not None and hit[0] == key:
-        return hit[1]
+    Recomputed at every call, decoding included: a cache keyed on the weight's version counter
+    would go stale, since fused AdamW updates the weights without bumping it."""
     t, s = weight_codes(w.detach())
-    q = (t * s).to(w.dtype)
-    if key is not None:
-        w._bitnet_quantised = (key, q)
-    return q
+    return _Ste.apply(w, (t * s).to(w.dtype))
 
 
 def act_quant(x: torch.Tensor) -> torch.Tensor:
