@@ -174,18 +174,14 @@ def check_trained(final, state, folder):
 def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path_factory, tokenizer_path, tmp_path):
     """DDP: the same losses, validations and weights as one process (validation runs the
     no-grad forward between optimizer steps: W_q must follow every update)."""
-    from test_train_ddp import FLAGS, torchrun
-    from train_helpers import losses, metrics, token_files, train
+    from test_train_ddp import FLAGS, one_and_two
+    from train_helpers import losses, metrics, token_files
 
     from smedjan.formats.checkpoint import load_checkpoint
 
     train_bin, val_bin = token_files(tmp_path_factory, tokenizer_path)
     flags = ["--dataset", train_bin, "--tokenizer", tokenizer_path, "--val-dataset", val_bin, *FLAGS, "--bitnet"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    res = train(*flags, "--batch-size", "4", "--checkpoint-dir", one)
-    assert res.code == 0, res
-    proc = torchrun(*flags, "--batch-size", "2", "--checkpoint-dir", two)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = one_and_two(flags, tmp_path)
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) and [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-5)
     va, vb = ([r["val_bpb"] for r in metrics(d) if "val_bpb" in r] for d in (one, two))
