@@ -64,6 +64,10 @@ ROWS: dict[str, tuple[str, dict]] = {
     # merges (smedjan.training.relora), over the AdamW recipe (the hybrid's Muon is refused)
     "lowrank-32": ("BEFORE", {"lowrank": 32}),
     "relora-32": ("BEFORE", {"lowrank": 32, "relora_interval": 120, "relora_warmup": 10}),
+    # BitNet b1.58 (smedjan.model.bitnet) on AdamW: the paper's recipe wants a higher rate than
+    # full precision; here twice the old recipe's 3e-3 (the same cosine to a tenth)
+    "bitnet": ("BEFORE", {"bitnet": True, "lr": 6e-3, "min_lr": 6e-4}),
+    "bitnet (lr 3e-3)": ("BEFORE", {"bitnet": True}),
 }
 
 

@@ -29,6 +29,16 @@ def torchrun(*args) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
+def one_and_two(flags: list, tmp_path) -> tuple:
+    """Checkpoint folders of `flags` trained by one process at batch 4 and by two at batch 2."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = train(*flags, "--batch-size", "4", "--checkpoint-dir", one)
+    assert res.code == 0, res
+    proc = torchrun(*flags, "--batch-size", "2", "--checkpoint-dir", two)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return one, two
+
+
 # adamw-cpu also runs µP (--mup-base: its per-role rates and multipliers are the same on every rank)
 OPTIMIZERS = {"adamw": [], "adamw-cpu": ["--mup-base", "16"], "adamw-8bit": [], "sophia": ["--hessian-interval", "3"], "muon": [],
               "hybrid": ["--cautious"]}
@@ -82,11 +92,7 @@ def test_recurrent_mixers_under_ddp_equal_one_process(tmp_path_factory, tokenize
     flags += ["--layer-pattern", "ssm,linear_attn,rwkv,attention", "--ssm-head-dim", "16", "--rwkv-head-dim", "16",
               "--dataset", train_bin, "--val-dataset", val_bin, "--tokenizer", tokenizer_path, "--checkpoint-every",
               "0", "--steps", "4"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    res = train(*flags, "--batch-size", "4", "--checkpoint-dir", one)
-    assert res.code == 0, res
-    proc = torchrun(*flags, "--batch-size", "2", "--checkpoint-dir", two)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = one_and_two(flags, tmp_path)
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-5)

@@ -15,6 +15,7 @@ import shutil
 import pytest
 import torch
 
+from test_bitnet import check_trained as check_bitnet
 from test_train_errors import assert_refused
 from test_train_errors import run as cli_train
 from test_train_quality import unigram_bound_bpb
@@ -210,6 +211,7 @@ OPTIONS = {
     "mup": ["--mup-base", "16"],  # µP (smedjan.model.mup), width_mult 2
     "mtp": ["--n-predict", "2"],  # multi-token prediction (smedjan.training.mtp): one module
     "relora": ["--lowrank", "8", "--relora-interval", "50", "--relora-warmup", "5"],  # resumed between merges
+    "bitnet": ["--bitnet"],  # an architecture flag, but trained and resumed the same way (tests/test_bitnet.py)
 }
 
 
@@ -331,7 +333,7 @@ def _relora(final, state, folder):
 
 CHECKS = {"relora": _relora, "ema": _ema, "mtp": _mtp, "freeze": _freeze, "shared-layers": _shared,
           "curriculum": _curriculum, "mup": _mup, "dropout": lambda *a: None, "stochastic-depth": lambda *a: None,
-          "noise": lambda *a: None}
+          "noise": lambda *a: None, "bitnet": check_bitnet}
 
 
 @pytest.mark.parametrize("flags,needle", [

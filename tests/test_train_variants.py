@@ -78,6 +78,8 @@ def test_variant_trains_below_the_unigram_bound(name, shipped, tokenizer_path, t
     (["--rwkv", "--rwkv-head-dim", "16", "--rwkv-chunk", "65"], "--rwkv-chunk 65 must be in [1, 64]"),
     (["--rwkv", "--rwkv-head-dim", "16", "--qk-norm"], "--qk-norm do not apply to --rwkv"),
     (["--mlp", "rwkv"], "every layer must be rwkv"),
+    (["--bitnet", "--ssm"], "--bitnet quantises the linear layers of the attention, block_sparse, linear_attn mixers; "
+                            "not ssm"),
 ])
 def test_bad_architecture_flags(flags, needle, tmp_path_factory, tokenizer_path, tmp_path):
     train_bin, _ = token_files(tmp_path_factory, tokenizer_path)

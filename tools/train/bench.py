@@ -37,6 +37,9 @@ VARIANTS = {
     "mup": lambda cfg, T: {"mup_base": max(1, cfg.dim // 4)},
     # multi-token prediction: one DeepSeek-V3 MTP module, trained with its loss (decode: plain greedy)
     "mtp": lambda cfg, T: {"n_predict": 2},
+    # BitNet b1.58: ternary weights, 8-bit activations (quantised in PyTorch, so slower than fp32
+    # here: the row measures the cost of the fake-quantised training forward, not 1.58-bit kernels)
+    "bitnet": lambda cfg, T: {"bitnet": True},
 }
 # EMA, the regularisers, the curriculum: rows of the same model trained with one training
 # option (smedjan.training.bench.SmedjanRunner's `options`); the forward and decode columns

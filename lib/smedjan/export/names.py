@@ -24,6 +24,9 @@ _TARGET = {"hf": "LlamaForCausalLM", "gguf": "llama.cpp"}
 
 
 def _model_level(cfg: ModelConfig, fmt: str) -> None:
+    if cfg.bitnet:  # llama.cpp's TQ1_0/TQ2_0 hold ternary weights, but its llama blocks do not quantise activations
+        raise Unsupported(f"BitNet b1.58 (--bitnet: ternary weights, 8-bit activations): {_TARGET[fmt]}'s llama "
+                          "blocks run full-precision linear layers")
     if cfg.logit_softcap:
         raise Unsupported(f"logit soft-capping (--logit-softcap {cfg.logit_softcap:g}): {_TARGET[fmt]} has none")
     if cfg.mup_base:  # folding would rescale the tied embedding too, and llama's attention scale is fixed

@@ -75,6 +75,8 @@ def fast_path_refusal(model: Transformer) -> str | None:
     """Why the fast path cannot run `model` (None when it can)."""
     if model.cfg.mup_base:
         return "µP's output multiplier and attention scale"
+    if model.cfg.bitnet:  # its kernel runs full-precision weights; ModelRunner runs the quantised forward
+        return "BitNet b1.58 (quantised linear layers)"
     for i, block in enumerate(model.layers):
         if type(block.mixer) is not Attention:
             return f"layer {i} mixes with {block.mixer.KIND}"

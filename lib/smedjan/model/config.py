@@ -106,6 +106,9 @@ class ModelConfig:
     # parametrisation); sets the readout multiplier, the attention scale and the init.
     mup_base: int = 0
     mtp: MTPConfig = field(default_factory=MTPConfig)  # multi-token prediction modules (--n-predict)
+    # BitNet b1.58: ternary weights and 8-bit activations in every block linear
+    # (smedjan.model.bitnet); embedding and head full precision.
+    bitnet: bool = False
     preset: str = "custom"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -165,6 +168,9 @@ class ModelConfig:
         check(mup.checks(self))
         if self.mup_base:  # derived: the attention part reads its scale from its own config
             self.attention.scale = mup.attention_scale(self)
+        from smedjan.model import bitnet
+
+        check(bitnet.checks(self))
 
     # ------------------------------------------------------------------ layers
     def layer_mixers(self) -> list[str]:
@@ -256,6 +262,8 @@ class ModelConfig:
             parts.append(f"blocks shared by {self.shared_layers} layers")
         if self.mup_base:
             parts.append(f"µP base width {self.mup_base}")
+        if self.bitnet:
+            parts.append("BitNet b1.58 (ternary weights, 8-bit activations)")
         parts.append("tied" if self.tie_embeddings else "untied")
         if self.mtp.depth:
             parts.append(f"{self.mtp.depth} MTP module{'s' if self.mtp.depth > 1 else ''}")

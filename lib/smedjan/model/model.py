@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smedjan.kernels import KernelUser
-from smedjan.model import mup, sharing
+from smedjan.model import bitnet, mup, sharing
 from smedjan.model.config import ModelConfig
 from smedjan.model.parts import EMBEDDING, HEAD, INIT_STD, NORM, Context, Init, LayerState
 from smedjan.model.mtp import PREFIX as MTP_PREFIX
@@ -102,6 +102,8 @@ class Transformer(KernelUser, nn.Module):
         self.layers = nn.ModuleList(sharing.build_layers(cfg, lambda i, m: Block(cfg, i, m)))
         if cfg.shared_layers > 1:
             self.register_load_state_dict_pre_hook(_check_shared_copies)
+        if cfg.bitnet:  # BitNet b1.58: the block linears become BitLinear (smedjan.model.bitnet)
+            bitnet.convert(self.layers)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied: logits use the embedding matrix, so there is no separate head parameter
         # (and safetensors never sees two names for one storage).

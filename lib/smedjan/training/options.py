@@ -249,6 +249,13 @@ class ModelOptions:
                                         "width-aware update (µP sets init, readout and attention); hybrid is "
                                         "refused. Saved in the model config; export-gguf/export-hf refuse µP "
                                         "models. Default: off (standard parametrisation).")
+    # BitNet b1.58 (smedjan.model.bitnet)
+    bitnet: bool = option(False, "BitNet b1.58 (Ma et al. 2024): ternary weights (absmean: round(W / mean|W|) "
+                                 "clamped to {-1, 0, 1} times mean|W|, per matrix) and 8-bit activations (absmax per "
+                                 "token) in every block linear layer, trained with a straight-through estimator; "
+                                 "the embedding and head stay full precision (default off). It wants a higher "
+                                 "--lr than full precision (the paper's recipe). Saved in the model config, so "
+                                 "sft, dpo and decoding keep it; export refuses it.")
 
 
 SHAPE_FLAGS = ("dim", "layers", "heads")
@@ -262,7 +269,7 @@ _TO_CONFIG = {"kv_heads": "n_kv_heads", "mlp": "mlp", "qk_norm": "qk_norm", "log
               "block_size": "block_size", "rope_theta": "rope_theta", "ssm_state": "ssm_state",
               "ssm_expand": "ssm_expand", "ssm_head_dim": "ssm_head_dim", "ssm_chunk": "ssm_chunk",
               "linear_attn_chunk": "linear_attn_chunk", "rwkv_head_dim": "rwkv_head_dim", "rwkv_chunk": "rwkv_chunk",
-              "shared_layers": "shared_layers", "mup_base": "mup_base"}
+              "shared_layers": "shared_layers", "mup_base": "mup_base", "bitnet": "bitnet"}
 # Mixture-of-Experts flags -> their flat ModelConfig keywords (the same names)
 MOE_FLAGS = ("n_experts", "top_k_experts", "shared_experts", "moe_capacity", "moe_aux_loss", "z_loss")
 _TO_CONFIG.update({name: name for name in MOE_FLAGS})
