@@ -168,24 +168,3 @@ def check_trained(final, state, folder):
         lines = [ln for ln in res.err.splitlines() if "error:" in ln]
         assert len(lines) == 1 and lines[0].startswith(f"smedjan {tool}: error: ") and "BitNet b1.58" in lines[0], res
         assert not out.exists()
-
-
-@pytest.mark.slow  # two torchrun processes: ~25 s on 2 shared cores
-def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path_factory, tokenizer_path, tmp_path):
-    """DDP: the same losses, validations and weights as one process (validation runs the
-    no-grad forward between optimizer steps: W_q must follow every update)."""
-    from test_train_ddp import FLAGS, one_and_two
-    from train_helpers import losses, metrics, token_files
-
-    from smedjan.formats.checkpoint import load_checkpoint
-
-    train_bin, val_bin = token_files(tmp_path_factory, tokenizer_path)
-    flags = ["--dataset", train_bin, "--tokenizer", tokenizer_path, "--val-dataset", val_bin, *FLAGS, "--bitnet"]
-    one, two = one_and_two(flags, tmp_path)
-    a, b = losses(one), losses(two)
-    assert sorted(a) == sorted(b) and [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-5)
-    va, vb = ([r["val_bpb"] for r in metrics(d) if "val_bpb" in r] for d in (one, two))
-    assert len(va) == 2 and vb == pytest.approx(va, rel=1e-5)
-    wa, wb = (load_checkpoint(d / "final.bin").model_state() for d in (one, two))
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)

@@ -39,9 +39,10 @@ def one_and_two(flags: list, tmp_path) -> tuple:
     return one, two
 
 
-# adamw-cpu also runs µP (--mup-base: its per-role rates and multipliers are the same on every rank)
-OPTIMIZERS = {"adamw": [], "adamw-cpu": ["--mup-base", "16"], "adamw-8bit": [], "sophia": ["--hessian-interval", "3"], "muon": [],
-              "hybrid": ["--cautious"]}
+# adamw also runs BitNet b1.58 (its ternary W_q follows every update on every rank), adamw-cpu
+# µP (--mup-base: its per-role rates and multipliers are the same on every rank)
+OPTIMIZERS = {"adamw": ["--bitnet"], "adamw-cpu": ["--mup-base", "16"], "adamw-8bit": [],
+              "sophia": ["--hessian-interval", "3"], "muon": [], "hybrid": ["--cautious"]}
 # optimizers with a threshold inside the update: 8-bit codes, Sophia's sign(m), the hybrid's cautious masks
 ROUNDING = ("adamw-8bit", "sophia", "hybrid")
 

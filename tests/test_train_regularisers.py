@@ -211,7 +211,8 @@ OPTIONS = {
     "mup": ["--mup-base", "16"],  # µP (smedjan.model.mup), width_mult 2
     "mtp": ["--n-predict", "2"],  # multi-token prediction (smedjan.training.mtp): one module
     "relora": ["--lowrank", "8", "--relora-interval", "50", "--relora-warmup", "5"],  # resumed between merges
-    "bitnet": ["--bitnet"],  # an architecture flag, but trained and resumed the same way (tests/test_bitnet.py)
+    "bitnet": ["--bitnet"],
+    "moe": ["--n-experts", "4", "--top-k-experts", "2", "--z-loss", "1e-3"],  # smedjan.model.moe  # an architecture flag, but trained and resumed the same way (tests/test_bitnet.py)
 }
 
 
@@ -331,7 +332,20 @@ def _relora(final, state, folder):
     assert all(torch.equal(final.tensors[k], v) for k, v in state.model_state().items())
 
 
-CHECKS = {"relora": _relora, "ema": _ema, "mtp": _mtp, "freeze": _freeze, "shared-layers": _shared,
+def _moe(final, state, folder):
+    """The router's losses and the experts' load are logged every step; generate decodes it."""
+    rec = [r for r in metrics(folder) if "loss" in r]
+    assert len(rec) == STEPS and all(math.isfinite(r["moe_aux_loss"]) and r["moe_aux_loss"] > 0 for r in rec)
+    assert all(0 <= r["moe_load_min"] <= r["moe_load_max"] for r in rec)
+    from smedjan.infer.engine import Engine
+    from smedjan.infer.sampling import SamplingParams
+    from smedjan.model.load import model_from_checkpoint
+
+    out = Engine(model_from_checkpoint(final).eval()).generate([[5, 17, 300]], SamplingParams(max_new_tokens=4))[0]
+    assert len(out.token_ids) >= 1
+
+
+CHECKS = {"relora": _relora, "moe": _moe, "ema": _ema, "mtp": _mtp, "freeze": _freeze, "shared-layers": _shared,
           "curriculum": _curriculum, "mup": _mup, "dropout": lambda *a: None, "stochastic-depth": lambda *a: None,
           "noise": lambda *a: None, "bitnet": check_bitnet}
 
